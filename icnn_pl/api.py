@@ -1,0 +1,66 @@
+"""Shared body of the functional API (``icnn_pl.icnn_gd.reconstruct_image`` and friends).
+
+The four method modules only translate the reference option names into the builder's
+objects; this file turns user inputs (feature dicts of arrays, any ``nn.Module``) into a
+``Reconstruction`` and fits it on the network's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icnn_pl.build import build_reconstruction
+from icnn_pl.errors import ConfigError
+from icnn_pl.module import ReconResult
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.nets.vgg import PAPER_MEAN_BGR
+from icnn_pl.runner import device_trainer_args, fit
+from icnn_pl.targets import stack_targets
+
+
+def as_encoder(
+    net: nn.Module, layer_mapping: Mapping[str, str] | None = None,
+    img_mean: Sequence[float] | None = None, input_size: tuple[int, int] | None = None,
+) -> FeatureEncoder:
+    """``net`` itself when it is a ``FeatureEncoder``; else wrap it with ``layer_mapping``."""
+    if isinstance(net, FeatureEncoder):
+        if layer_mapping:
+            net.layer_mapping.update(layer_mapping)
+        return net
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"net must be an nn.Module, got {type(net).__name__}",
+                          "pass an icnn_pl encoder or a torch module with layer_mapping")
+    return FeatureEncoder(net, layer_mapping, img_mean or PAPER_MEAN_BGR,
+                          input_size or (224, 224))
+
+
+def layer_weight_mode(layer_weight: Any) -> str | Mapping[str, float]:
+    """The reference's ``layer_weight`` option: None means inverse-norm weights (every
+    reference demo and paper script), "uniform" the library's 1/L, a dict explicit ones."""
+    return "inverse_norm" if layer_weight is None else layer_weight
+
+
+def reconstruct(
+    features: Mapping[str, np.ndarray | torch.Tensor],
+    net: nn.Module,
+    *,
+    layer_mapping: Mapping[str, str] | None = None,
+    img_mean: Sequence[float] | None = None,
+    input_size: tuple[int, int] | None = None,
+    logger: Any = False,
+    **build_kwargs: Any,
+) -> ReconResult:
+    """Validate ``features`` against ``net``, build the reconstruction, fit it, return it."""
+    encoder = as_encoder(net, layer_mapping, img_mean, input_size)
+    targets = stack_targets([features], encoder)
+    generator = build_kwargs.get("generator")
+    if generator is not None:
+        generator.eval().requires_grad_(False)
+        generator.to(encoder.device)
+    module = build_reconstruction(targets, encoder, **build_kwargs)
+    return fit(module, logger=logger, **device_trainer_args(encoder.device))

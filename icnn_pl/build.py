@@ -1,0 +1,77 @@
+"""Compose a ``Reconstruction`` from plain objects: one builder for the functional API and
+the Hydra pipeline, so a fix in one is a fix in both."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icnn_pl.errors import ConfigError
+from icnn_pl.module import OptimizerFactory, Reconstruction
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.objective import Objective, layer_weights, make_mask
+from icnn_pl.optim import GDSteps, Linear
+from icnn_pl.params import GeneratorCode, PixelImage, initial_code, initial_image
+
+Bound = float | np.ndarray | torch.Tensor | None
+
+
+def build_reconstruction(
+    targets: Mapping[str, torch.Tensor],
+    encoder: FeatureEncoder,
+    optimizer: OptimizerFactory,
+    n_iter: int,
+    *,
+    generator: nn.Module | None = None,
+    init: Any = "uniform",
+    code_bounds: tuple[Bound, Bound] = (None, None),
+    pixel_bounds: bool = False,
+    schedules: Mapping[str, Linear] | None = None,
+    steps: GDSteps | None = None,
+    weights: str | Mapping[str, float] = "inverse_norm",
+    loss_type: str | Mapping[str, str] = "l2",
+    masks: Mapping[str, Any] | None = None,
+    channels: Mapping[str, Sequence[int]] | None = None,
+    return_last_forward: bool = False,
+    labels: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Reconstruction:
+    """A ready-to-fit reconstruction of B images from stacked targets (name -> (B, ...)).
+
+    Pixel methods optimise the Caffe-space image (``pixel_bounds`` keeps raw pixels in
+    [0, 255]); with a ``generator`` they optimise its input code within ``code_bounds``.
+    """
+    if int(n_iter) <= 0:
+        raise ConfigError(f"n_iter must be a positive integer, got {n_iter}", "set n_iter >= 1")
+    batch = next(iter(targets.values())).shape[0]
+    rng = torch.Generator().manual_seed(seed)
+    shapes = {n: tuple(t.shape[1:]) for n, t in targets.items()}
+    masks, channels = dict(masks or {}), dict(channels or {})
+    unknown = sorted((set(masks) | set(channels)) - set(targets))
+    if unknown:
+        raise ConfigError(f"masks/channels given for layers {unknown} that are not targets",
+                          f"use target layers: {list(targets)}")
+    objective = Objective(
+        targets,
+        layer_weights(targets, weights, labels),
+        {n: make_mask(n, shapes[n], masks.get(n), channels.get(n)) for n in targets},
+        loss_type,
+    )
+    if generator is None:
+        param = PixelImage(
+            initial_image(init, batch, encoder.input_size, encoder.mean_bgr, rng),
+            encoder.mean_bgr, bounded=pixel_bounds,
+        )
+    else:
+        dim = int(getattr(generator, "input_size", 4096))
+        param = GeneratorCode(
+            initial_code(init, batch, dim, rng), generator, encoder.input_size, *code_bounds
+        )
+    return Reconstruction(
+        param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
+        return_last_forward=return_last_forward, labels=labels, seed=seed,
+    )

@@ -1,0 +1,1 @@
+"""Feature data: MATLAB file I/O and readers for decoded / true CNN feature layouts."""

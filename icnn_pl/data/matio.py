@@ -1,0 +1,148 @@
+"""MATLAB file I/O: v5 (scipy.io) and v7.3 (HDF5) reads, atomic v5 writes.
+
+Every expected failure (missing file, corrupt file, missing variable) raises
+:class:`~icnn_pl.errors.DataError` naming the file, so a bad input never surfaces
+as a bare scipy/h5py traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.io
+
+from icnn_pl.atomic import atomic_path
+from icnn_pl.errors import DataError
+
+_REEXPORT = "re-export the file as a MATLAB .mat file (v5 via scipy.io.savemat or v7.3/HDF5)"
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(
+            f"MATLAB file not found: {path}",
+            fix="check the path (and the data root option) or create the file",
+        )
+
+
+def _is_hdf5(path: Path) -> bool:
+    # v7.3 files are HDF5 with a 512-byte "MATLAB 7.3" user block; h5py finds the
+    # signature at any power-of-two offset, so it covers both MATLAB and plain HDF5.
+    try:
+        return bool(h5py.is_hdf5(os.fspath(path)))
+    except Exception:  # unreadable file: let the v5 reader produce the error
+        return False
+
+
+def _read_failed(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"cannot read {path} as a MATLAB file ({type(exc).__name__}: {exc})",
+        fix=f"the file is corrupt, truncated or not a .mat file: {_REEXPORT}",
+    )
+
+
+def _hdf5_names(fh: h5py.File) -> list[str]:
+    # MATLAB keeps cell/struct payloads under "#refs#" / "#subsystem#": not variables.
+    return sorted(k for k in fh if not k.startswith("#"))
+
+
+def _read_hdf5_var(fh: h5py.File, name: str, matlab_order: bool) -> np.ndarray | None:
+    """Read one HDF5 dataset in scipy.io.loadmat's axis order; None if not an array."""
+    node = fh[name]
+    if not isinstance(node, h5py.Dataset) or node.dtype.kind == "O":
+        return None  # struct (group) or cell (object references): not supported
+    attrs = node.attrs
+    data = node[()]
+    if attrs.get("MATLAB_empty", 0):
+        # MATLAB stores an empty array as its dimension vector.
+        return np.zeros(tuple(int(d) for d in np.ravel(data)), dtype=np.float64)
+    data = np.asarray(data)
+    # MATLAB (and hdf5storage) write column-major arrays, so h5py sees the axes reversed.
+    if matlab_order or "MATLAB_class" in attrs:
+        data = data.T
+    if attrs.get("MATLAB_class") == b"char":
+        # chars are uint16 code units, one string per row (as loadmat returns them)
+        rows = np.atleast_2d(data)
+        return np.array(["".join(map(chr, row)) for row in rows])
+    return data
+
+
+def _has_matlab_header(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"MATLAB"
+
+
+def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read ``key`` (or every variable if None); also return all variable names."""
+    try:
+        if _is_hdf5(path):
+            matlab_order = _has_matlab_header(path)
+            with h5py.File(path, "r") as fh:
+                names = _hdf5_names(fh)
+                wanted = names if key is None else [n for n in names if n == key]
+                out = {}
+                for n in wanted:
+                    arr = _read_hdf5_var(fh, n, matlab_order)
+                    if arr is not None:
+                        out[n] = arr
+                return out, names
+        if key is None:
+            raw = scipy.io.loadmat(os.fspath(path))
+            out = {k: v for k, v in raw.items() if not k.startswith("__")}
+            return out, sorted(out)
+        raw = scipy.io.loadmat(os.fspath(path), variable_names=[key])
+        if key in raw:
+            return {key: raw[key]}, [key]
+        return {}, sorted(name for name, _, _ in scipy.io.whosmat(os.fspath(path)))
+    except Exception as exc:  # any reader failure means a bad file, whatever the class
+        raise _read_failed(path, exc) from exc
+
+
+def load_mat(path: str | os.PathLike, key: str = "feat") -> np.ndarray:
+    """Return variable ``key`` of a v5 or v7.3 MATLAB file as a C-contiguous float32 copy.
+
+    Axes match ``scipy.io.loadmat`` for the same MATLAB array (v7.3 data is transposed back).
+    """
+    path = Path(path)
+    _check_exists(path)
+    found, names = _read_all(path, key)
+    if key not in found:
+        if key in names:
+            raise DataError(
+                f"variable '{key}' in {path} is a struct or cell, not a numeric array",
+                fix=f"save '{key}' as a plain numeric array",
+            )
+        present = ", ".join(names) if names else "none"
+        raise DataError(
+            f"variable '{key}' not found in {path} (variables present: {present})",
+            fix=f"save the array under the MATLAB variable name '{key}'",
+        )
+    arr = np.asarray(found[key])
+    if arr.dtype.kind not in "biuf":
+        raise DataError(
+            f"variable '{key}' in {path} is not a real numeric array (dtype {arr.dtype})",
+            fix=f"save '{key}' as a real float array",
+        )
+    return np.array(arr, dtype=np.float32, order="C", copy=True)
+
+
+def load_mat_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Return every array variable of a v5 or v7.3 MATLAB file, in loadmat's axis order.
+
+    Header entries (``__header__`` ...) are dropped; in v7.3 files structs and cells are
+    skipped. Dtypes are kept as stored.
+    """
+    path = Path(path)
+    _check_exists(path)
+    found, _ = _read_all(path, None)
+    return found
+
+
+def save_mat(path: str | os.PathLike, variables: dict[str, np.ndarray | float | str]) -> None:
+    """Write ``variables`` to a MATLAB v5 file atomically (no half-written file on failure)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # a file object, not a str: savemat would append ".mat" to the temp name
+        scipy.io.savemat(fh, dict(variables))

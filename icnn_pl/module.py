@@ -1,0 +1,186 @@
+"""The reconstruction as a ``LightningModule``: one image (or a batch) per module.
+
+Data flow of one iteration::
+
+    parameter (pixels, or generator code) -> [generator -> crop] -> image
+    -> encoder taps (stops after the deepest target) -> objective (weighted per-layer
+    losses) -> backward -> update (optimizer + iCNN steps, or L-BFGS-B)
+
+The only trainable tensor is ``self.param.value``. The frozen encoder and generator are
+held by reference (not registered as submodules): they are built once per job and shared
+by every reconstruction, and Lightning would otherwise move them back to the CPU at the
+end of every fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from icnn_pl.image import from_caffe
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.objective import Objective
+from icnn_pl.optim import GDSteps, Linear, apply_schedules
+from icnn_pl.params import GeneratorCode, Parameterization
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass
+class ReconResult:
+    """What a reconstruction returns, per image of the batch."""
+
+    images: np.ndarray  # (B, H, W, 3) RGB float32, 0-255 scale, not clipped
+    loss_history: np.ndarray  # (B, n_evals) float32: before each update / per evaluation
+    codes: np.ndarray | None  # (B, D) final generator code (DGN methods)
+    n_evals: int
+
+
+class Reconstruction(pl.LightningModule):
+    """Reconstruct images whose encoder features match the objective's targets.
+
+    Args:
+        param: what is optimised (``PixelImage`` or ``GeneratorCode``).
+        encoder: frozen ``FeatureEncoder``.
+        objective: targets, layer weights, masks and loss type.
+        optimizer: factory ``(params, **kw) -> Optimizer``; an optimizer with
+            ``runs_to_completion`` (L-BFGS-B) runs the whole minimisation in one step.
+        n_iter: iterations (gradient methods) or ``maxiter`` (L-BFGS-B, set on its factory).
+        schedules: per-iteration linear schedules of optimizer hyper-parameters (lr, momentum).
+        steps: the iCNN per-iteration operations (normalisation, decay, blur, ...).
+        return_last_forward: return the image of the last forward pass (before the final
+            update) and the code that produced it, as the reference DGN-GD does.
+        labels: image names, used as logging keys.
+        seed: seeds the jitter offsets.
+    """
+
+    def __init__(
+        self,
+        param: Parameterization,
+        encoder: FeatureEncoder,
+        objective: Objective,
+        optimizer: OptimizerFactory,
+        n_iter: int,
+        schedules: Mapping[str, Linear] | None = None,
+        steps: GDSteps | None = None,
+        return_last_forward: bool = False,
+        labels: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.param = param
+        self.objective = objective
+        self._encoder = (encoder,)
+        self._optimizer_factory = optimizer
+        self.n_iter = int(n_iter)
+        self.schedules = dict(schedules or {})
+        self.steps = steps
+        if steps is not None:
+            steps.check(param)
+        self.return_last_forward = return_last_forward
+        self.labels = list(labels) if labels is not None else [
+            str(i) for i in range(param.value.shape[0])]
+        self._rng = torch.Generator().manual_seed(seed)
+        self._history: list[torch.Tensor] = []
+        self._last_image: torch.Tensor | None = None
+        self._last_code: torch.Tensor | None = None
+
+    @property
+    def encoder(self) -> FeatureEncoder:
+        return self._encoder[0]
+
+    @property
+    def runs_to_completion(self) -> bool:
+        """Whether one optimizer step runs the whole minimisation (L-BFGS-B)."""
+        factory = getattr(self._optimizer_factory, "func", self._optimizer_factory)
+        return bool(getattr(factory, "runs_to_completion", False))
+
+    @property
+    def n_steps(self) -> int:
+        """Trainer steps: one per iteration, or one for a run-to-completion optimizer."""
+        return 1 if self.runs_to_completion else self.n_iter
+
+    # -- Lightning hooks ------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # No-ops after the first image of a job: the shared nets stay on the device.
+        self.encoder.to(self.device)
+        if isinstance(self.param, GeneratorCode):
+            self.param.generator.to(self.device)
+        self.encoder.set_layers(self.objective.layers)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Box-bounded optimizers take the bounds; the others are projected after each step.
+        kwargs = {"bounds": [self.param.bounds()]} if self.runs_to_completion else {}
+        return self._optimizer_factory([self.param.value], **kwargs)
+
+    def forward(self) -> torch.Tensor:
+        """The current image (Caffe space) the encoder sees."""
+        return self.param()
+
+    def compute_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss per image (B,) and the image it was computed on."""
+        image = self.param()
+        return self.objective(self.encoder(image)), image
+
+    def training_step(self, t: int, batch_idx: int = 0) -> None:
+        opt = self.optimizers()
+        if self.runs_to_completion:
+            opt.step(closure=self._closure)
+        else:
+            self._gradient_step(opt, int(t))
+        if self.logger is None:
+            return
+        last = self._history[-1]
+        self.log_dict({f"loss/{lab}": last[i] for i, lab in enumerate(self.labels)},
+                      on_step=True, logger=True, batch_size=len(self.labels))
+
+    def _closure(self) -> torch.Tensor:
+        self.param.value.grad = None
+        loss, image = self.compute_loss()
+        self._record(loss, image)
+        total = loss.sum()
+        self.manual_backward(total)
+        return total
+
+    def _gradient_step(self, opt, t: int) -> None:
+        apply_schedules(opt.optimizer, self.schedules, t, self.n_iter)
+        steps = self.steps
+        shift = steps.shift(self.param, opt.optimizer, self._rng) if steps else None
+        self._closure()
+        feature_grad = steps.transform_grad(self.param, t, self.n_iter) if steps else None
+        opt.step()
+        if steps is not None:
+            steps.after_step(self.param, opt.optimizer, t, self.n_iter, shift, feature_grad)
+        else:
+            self.param.project_()
+
+    def _record(self, loss: torch.Tensor, image: torch.Tensor) -> None:
+        # Kept on the device: no host sync in the loop.
+        self._history.append(loss.detach())
+        if self.return_last_forward:
+            self._last_image = image.detach()
+            self._last_code = self.param.value.detach().clone()
+
+    # -- results --------------------------------------------------------------------------
+    @torch.no_grad()
+    def result(self) -> ReconResult:
+        """Final images (RGB, 0-255, unclipped), loss history and codes."""
+        if self.return_last_forward and self._last_image is not None:
+            image, code = self._last_image, self._last_code
+        else:
+            image = self.param()
+            code = self.param.value.detach() if isinstance(self.param, GeneratorCode) else None
+        history = (torch.stack(self._history, dim=1) if self._history
+                   else torch.zeros(image.shape[0], 0))
+        return ReconResult(
+            images=from_caffe(image, self.encoder.mean_bgr),
+            loss_history=history.float().cpu().numpy(),
+            codes=None if code is None else code.float().cpu().numpy(),
+            n_evals=history.shape[1],
+        )
+

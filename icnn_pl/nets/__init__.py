@@ -1,0 +1,79 @@
+"""Frozen networks: encoders (read out at named layers) and image generators.
+
+A new network goes into ``ARCHITECTURES``: a constructor, its seeded initialisation and,
+for encoders, its feature-name -> module-path map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from icnn_pl.errors import ConfigError
+from icnn_pl.nets.encoder import FeatureEncoder, freeze
+from icnn_pl.nets.generator import Relu7Generator, center_crop, init_generator_
+from icnn_pl.nets.vgg import PAPER_MEAN_BGR, VGG19, VGG19_LAYERS, init_vgg_
+from icnn_pl.nets.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES", "FeatureEncoder", "Relu7Generator", "build_encoder", "build_generator",
+    "build_network", "center_crop", "freeze",
+]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    make: Callable[[], nn.Module]
+    init: Callable[[nn.Module, torch.Generator], None]
+    layers: dict[str, str] = field(default_factory=dict)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "vgg19": Architecture(VGG19, init_vgg_, VGG19_LAYERS),
+    "vgg19_leaky": Architecture(lambda: VGG19(leaky=True), init_vgg_, VGG19_LAYERS),
+    "relu7": Architecture(Relu7Generator, init_generator_),
+}
+
+
+def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
+    """Build ``arch`` from a weight file, or seeded random weights when ``weights`` is None."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown network {arch!r}", f"use one of: {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    net = spec.make()
+    if weights is None:
+        spec.init(net, torch.Generator().manual_seed(seed))
+        log.warning(
+            "%s: no weight file given, using RANDOM weights (seed %d). Reconstructions show"
+            " the pipeline working, not the paper's image quality; pass the lab's weight"
+            " file to reproduce it.", arch, seed,
+        )
+    else:
+        load_weights(net, weights, arch)
+    return freeze(net)
+
+
+def build_encoder(
+    arch: str = "vgg19",
+    weights: str | Path | None = None,
+    mean_bgr: Sequence[float] = PAPER_MEAN_BGR,
+    input_size: tuple[int, int] = (224, 224),
+    seed: int = 0,
+) -> FeatureEncoder:
+    """A frozen encoder read out at its named layers (conv1_1 ... fc8 for VGG19)."""
+    net = build_network(arch, weights, seed)
+    return FeatureEncoder(net, ARCHITECTURES[arch].layers, mean_bgr, input_size)
+
+
+def build_generator(
+    arch: str = "relu7", weights: str | Path | None = None, seed: int = 0
+) -> nn.Module:
+    """A frozen image generator (the relu7 DGN) mapping codes to Caffe-space images."""
+    return build_network(arch, weights, seed)
