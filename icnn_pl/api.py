@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from icnn_pl.build import build_reconstruction
-from icnn_pl.errors import ConfigError
+from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.module import ReconResult
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.nets.vgg import PAPER_MEAN_BGR
 from icnn_pl.runner import device_trainer_args, fit
-from icnn_pl.targets import stack_targets
+from icnn_pl.targets import expected_shapes, stack_targets
 
 
 def as_encoder(
@@ -57,7 +57,9 @@ def reconstruct(
 ) -> ReconResult:
     """Validate ``features`` against ``net``, build the reconstruction, fit it, return it."""
     encoder = as_encoder(net, layer_mapping, img_mean, input_size)
-    targets = stack_targets([features], encoder)
+    if not features:
+        raise DataError("no target features given", "pass a dict of layer name -> features")
+    targets = stack_targets([features], expected_shapes(encoder, list(features)))
     generator = build_kwargs.get("generator")
     if generator is not None:
         generator.eval().requires_grad_(False)

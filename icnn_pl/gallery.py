@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from icnn_pl.atomic import atomic_path
 from icnn_pl.errors import ConfigError, DataError
-from icnn_pl.metrics import display_image
+from icnn_pl.image import display_image
 
 __all__ = ["gallery_size", "loss_curves_image", "make_gallery", "save_png"]
 
@@ -112,7 +112,7 @@ def make_gallery(
     """Grid of images: one row per ``(row title, images)``, one column per label.
 
     Each image is resized to ``cell x cell``; uint8 images are shown as they are, float
-    images through :func:`icnn_pl.metrics.display_image` (percentile clip + min-max), so
+    images through :func:`icnn_pl.image.display_image` (percentile clip + min-max), so
     pass true images as uint8 to show them unstretched. ``None`` draws a grey cell; a float
     image with NaN/inf draws a grey cell marked "non-finite". ``captions[r][c]`` is drawn
     under cell ``(r, c)``. Size: :func:`gallery_size`. White background, default PIL font.

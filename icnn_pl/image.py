@@ -39,3 +39,25 @@ def load_rgb(path, size: tuple[int, int] | None = None) -> np.ndarray:
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BICUBIC)
         return np.asarray(im, dtype=np.float32)
+
+
+DISPLAY_PERCENTILES = (2.0, 98.0)
+
+
+def display_image(img: np.ndarray) -> np.ndarray:
+    """The lab's display conversion: clip to the 2nd/98th percentiles, min-max to uint8.
+
+    Percentiles are over the whole image (all channels, numpy's linear interpolation);
+    scaled values are truncated like the lab's ``np.uint8`` cast; a constant image (or
+    one without finite values) gives zeros.
+    """
+    x = np.asarray(img, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.zeros(x.shape, dtype=np.uint8)
+    lo, hi = np.percentile(finite, DISPLAY_PERCENTILES)
+    span = float(hi - lo)
+    if span <= 0.0:
+        return np.zeros(x.shape, dtype=np.uint8)
+    x = np.clip(np.nan_to_num(x, nan=lo), lo, hi) - lo
+    return np.clip(x * (255.0 / span), 0.0, 255.0).astype(np.uint8)

@@ -24,6 +24,7 @@ from scipy.spatial.distance import cdist
 from skimage.metrics import structural_similarity
 
 from icnn_pl.errors import ConfigError, DataError
+from icnn_pl.image import display_image
 
 __all__ = [
     "correlation_matrix",
@@ -38,9 +39,6 @@ __all__ = [
     "score_images",
     "ssim",
 ]
-
-#: Percentiles used by the lab's display conversion (``clip_extreme_value(img, pct=4)``).
-DISPLAY_PERCENTILES: tuple[float, float] = (2.0, 98.0)
 
 _SSIM_MIN_SIDE = 7  # skimage's default window is 7x7
 
@@ -282,22 +280,6 @@ def ssim(recon: np.ndarray, true: np.ndarray) -> float:
             "score full-size reconstructions, not thumbnails",
         )
     return float(structural_similarity(r, t, channel_axis=-1, data_range=255.0))
-
-
-def display_image(img: np.ndarray) -> np.ndarray:
-    """The lab's display conversion: clip to the 2nd/98th percentiles, min-max to uint8.
-
-    Percentiles are taken over the whole image (all channels, numpy's default linear
-    interpolation); the scaled values are truncated to uint8 like the lab's ``np.uint8``
-    cast. A constant image gives all zeros.
-    """
-    x = _as_float(img, "img")
-    lo, hi = np.percentile(x, DISPLAY_PERCENTILES)
-    x = np.clip(x, lo, hi) - lo
-    span = float(hi - lo)
-    if span <= 0.0:
-        return np.zeros(x.shape, dtype=np.uint8)
-    return np.clip(x * (255.0 / span), 0.0, 255.0).astype(np.uint8)
 
 
 def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:

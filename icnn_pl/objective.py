@@ -125,7 +125,9 @@ def layer_weights(
                 f"explicit layer weights do not match the target layers (missing {missing},"
                 f" unknown {unknown})", "give one weight per target layer",
             )
-        return {n: torch.full((batch,), float(mode[n])) for n in names}
+        # Scalars, or per-image weights (B,) computed upstream (e.g. by the DataModule).
+        return {n: torch.as_tensor(mode[n], dtype=torch.float32).expand(batch).clone()
+                for n in names}
     if mode == "uniform":
         return {n: torch.full((batch,), 1.0 / len(names)) for n in names}
     if mode != "inverse_norm":

@@ -59,7 +59,7 @@ def make_trainer(
         enable_model_summary=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=max(1, log_every_n_steps),
+        log_every_n_steps=max(1, min(log_every_n_steps, n_steps)),
         **kwargs,
     )
 

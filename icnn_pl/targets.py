@@ -18,32 +18,33 @@ ArrayLike = np.ndarray | torch.Tensor
 FeatureSet = Mapping[str, ArrayLike]
 
 
+def expected_shapes(encoder: FeatureEncoder, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of each named layer, in the network's forward order.
+    Unknown names fail here, before any work starts."""
+    return encoder.feature_shapes(encoder.forward_order(names))
+
+
 def stack_targets(
-    feature_sets: Sequence[FeatureSet], encoder: FeatureEncoder,
+    feature_sets: Sequence[FeatureSet], shapes: Mapping[str, tuple[int, ...]],
     labels: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Validate B feature sets (name -> array, with or without a leading axis of 1) and
-    stack them into name -> (B, ...) float32 tensors in the network's forward order."""
+    """Validate B feature sets (name -> array, with or without a leading axis of 1) against
+    the layers' ``shapes`` and stack them into name -> (B, ...) float32 tensors, in the
+    order of ``shapes`` (matched by name, whatever the dict order)."""
     if not feature_sets:
         raise DataError("no target features given", "pass a dict of layer name -> features")
     labels = list(labels) if labels is not None else [str(i) for i in range(len(feature_sets))]
-    names = list(feature_sets[0])
-    if not names:
-        raise DataError(f"image {labels[0]}: the feature dict is empty", "give at least one layer")
     for label, fs in zip(labels, feature_sets, strict=True):
-        if set(fs) != set(names):
+        if set(fs) != set(shapes):
             raise DataError(
-                f"image {label}: layers {sorted(fs)} differ from {sorted(names)}",
-                "every image of a batch needs the same target layers",
+                f"image {label}: target layers {sorted(fs)} differ from {sorted(shapes)}",
+                "give features for exactly the target layers",
             )
-    order = encoder.forward_order(names)
-    shapes = encoder.feature_shapes(order)
-    out: dict[str, torch.Tensor] = {}
-    for name in order:
-        per_image = [_as_feature(fs[name], name, shapes[name], lab)
-                     for lab, fs in zip(labels, feature_sets, strict=True)]
-        out[name] = torch.stack(per_image)
-    return out
+    return {
+        name: torch.stack([_as_feature(fs[name], name, shape, lab)
+                           for lab, fs in zip(labels, feature_sets, strict=True)])
+        for name, shape in shapes.items()
+    }
 
 
 def _as_feature(value: ArrayLike, name: str, shape: tuple[int, ...], label: str) -> torch.Tensor:

@@ -1,0 +1,247 @@
+"""From a composed Hydra config to a ``Job`` of plain objects (the only module that reads
+the config tree besides ``train_recon.py``).
+
+Everything is checked before any reconstruction starts: config values first, then the
+networks and the data (layers present, subject and ROI present, shapes match).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from icnn_pl.data.datamodule import ReconDataModule
+from icnn_pl.data.demo import Demo
+from icnn_pl.data.images import ImageFeatures, ImageFolder
+from icnn_pl.data.readers import (
+    CaffeDecodedFeatures,
+    DecodedFeatures,
+    TrueFeatures,
+    load_act_range,
+    load_reference_std,
+    subject_id,
+)
+from icnn_pl.errors import ConfigError
+from icnn_pl.loggers import make_logger
+from icnn_pl.nets import build_encoder, build_generator
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.optim import Clipping, GDSteps, Regularizer, linear
+from icnn_pl.outputs import ReconOutputs
+from icnn_pl.pipeline import Job
+from icnn_pl.targets import STD_MODES, expected_shapes
+
+log = logging.getLogger(__name__)
+
+METHOD_PARAMS = ("pixel", "code")
+DATA_KINDS = ("demo", "decoded", "decoded_caffe", "true")
+
+
+def register_resolvers() -> None:
+    """``${icnn.run_name:...}``: the run directory name ("default" without overrides)."""
+    if not OmegaConf.has_resolver("icnn.run_name"):
+        OmegaConf.register_new_resolver(
+            "icnn.run_name", lambda s: (s or "default").replace("/", "_"))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(
+        node, DictConfig | ListConfig) else node
+
+
+def _require(cfg: DictConfig, key: str, hint: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+    if value is None or value == "???":
+        raise ConfigError(f"{key} is not set", hint)
+    return value
+
+
+def _path(value: Any, key: str, must_exist: bool = True) -> Path:
+    path = Path(str(value)).expanduser()
+    if must_exist and not path.exists():
+        raise ConfigError(f"{key}: no such file or directory: {path}",
+                          f"set {key}=<existing path> (absolute, or relative to where you run)")
+    return path
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of config values, before anything is built."""
+    m = cfg.method
+    if m.param not in METHOD_PARAMS:
+        raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
+    if not isinstance(m.n_iter, int) or isinstance(m.n_iter, bool) or m.n_iter <= 0:
+        raise ConfigError(f"method.n_iter={m.n_iter!r} must be a positive integer",
+                          "set method.n_iter=200 (GD iterations / L-BFGS maxiter)")
+    for name, (start, end) in _plain(cfg.optimizer.get("schedule") or {}).items():
+        if name == "lr" and (start < 0 or end < 0):
+            raise ConfigError(f"optimizer.schedule.lr=[{start}, {end}] is negative",
+                              "use a non-negative learning rate")
+    if m.param == "code" and cfg.get("generator") is None:
+        raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
+                          "add generator=relu7")
+    if cfg.data.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind={cfg.data.kind!r} is not valid", f"use one of {DATA_KINDS}")
+    std = cfg.data.get("std_correction", "none")
+    if std not in STD_MODES:
+        raise ConfigError(f"data.std_correction={std!r} is not valid", f"use one of {STD_MODES}")
+    names = _plain(cfg.layers.names)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
+                          "pick a layers option (layers=all, conv, conv1-3, ...)")
+
+
+def build_steps(steps: Mapping[str, Any] | None) -> GDSteps | None:
+    """The method's ``steps`` block -> ``GDSteps`` (None for L-BFGS methods)."""
+    if steps is None:
+        return None
+    s = dict(steps)
+    regs = [Regularizer(kind, float(s[kind]["order"]), linear(s[kind]["lamda"]))
+            for kind in ("p_norm", "tv") if s.get(kind)]
+
+    def clip(key: str) -> Clipping | None:
+        c = s.get(key)
+        return None if not c else Clipping(int(c["every"]), linear(c["pct"]))
+
+    return GDSteps(
+        normalize_grad=bool(s.get("normalize_grad", True)),
+        decay=linear(s.get("decay")), blur_sigma=linear(s.get("blur_sigma")),
+        jitter=int(s.get("jitter") or 0), regularizers=regs,
+        clip_extreme=clip("clip_extreme"), clip_small_norm=clip("clip_small_norm"),
+        clip_small_contribution=clip("clip_small_contribution"),
+    )
+
+
+def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
+    net = cfg.network
+    weights = None if net.weights is None else _path(net.weights, "network.weights")
+    encoder = build_encoder(net.arch, weights, _plain(net.mean_bgr),
+                            tuple(_plain(net.input_size)), seed=cfg.seed)
+    network_id = f"{net.arch}|{weights.resolve() if weights else f'random-seed{cfg.seed}'}"
+    if weights is not None:
+        network_id += f"|{weights.stat().st_size}|{int(weights.stat().st_mtime)}"
+    return encoder, network_id
+
+
+def build_recipe(cfg: DictConfig, encoder: FeatureEncoder) -> dict[str, Any]:
+    """``build_reconstruction`` keyword arguments from method, optimizer and generator."""
+    m = cfg.method
+    recipe: dict[str, Any] = {
+        "optimizer": hydra.utils.instantiate(cfg.optimizer.factory),
+        "n_iter": int(m.n_iter),
+        "schedules": {k: linear(v) for k, v in _plain(cfg.optimizer.schedule or {}).items()},
+        "steps": build_steps(_plain(m.steps)),
+        "init": m.init,
+        "pixel_bounds": bool(m.pixel_bounds),
+        "loss_type": m.loss_type,
+        "return_last_forward": bool(m.return_last_forward),
+    }
+    if m.param == "code":
+        g = cfg.generator
+        weights = None if g.weights is None else _path(g.weights, "generator.weights")
+        generator = build_generator(g.arch, weights, seed=cfg.seed).to(encoder.device)
+        dim = int(getattr(generator, "input_size", 4096))
+        upper = (load_act_range(_path(g.act_range, "generator.act_range"), expected_len=dim)
+                 if g.act_range is not None else float(g.upper))
+        recipe["generator"] = generator
+        recipe["code_bounds"] = (float(g.lower), upper)
+    return recipe
+
+
+def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
+                     ) -> tuple[ReconDataModule, str]:
+    """The DataModule for ``cfg.data`` and the subject id used in output paths."""
+    d = cfg.data
+    layers = list(_plain(cfg.layers.names))
+    shapes = expected_shapes(encoder, layers)
+    common = {
+        "weights": _plain(cfg.layer_weights.mode), "labels": _plain(d.get("labels")),
+        "limit": d.get("limit"), "num_shards": d.get("num_shards", 1),
+        "shard": d.get("shard", 0), "batch_size": d.get("batch_size", 1),
+        "num_workers": d.get("num_workers", 0),
+    }
+    std = {"std_correction": d.get("std_correction", "none"), "ref_std": None,
+           "train_mean": None}
+    if d.get("std_ref") not in (None, "???") or std["std_correction"] != "none":
+        if d.kind != "true" and d.get("std_ref") not in (None, "???"):
+            std["ref_std"] = load_reference_std(_path(d.std_ref, "data.std_ref"), layers)
+        if d.get("train_mean") is not None:
+            from icnn_pl.data.matio import load_mat_dict
+
+            means = load_mat_dict(_path(d.train_mean, "data.train_mean"))
+            std["train_mean"] = {n: np.asarray(means[n]) for n in layers if n in means}
+
+    if d.kind == "demo":
+        sub = subject_id(cfg.subject, "bdpy")
+        demo = Demo(d.root, encoder, network_id)
+        wanted = _plain(d.get("labels")) or list(_demo_labels(d))
+        demo.ensure(wanted, subject=sub if d.source == "decoded" else None)
+        stimuli = ImageFolder(demo.stimuli_dir, encoder.input_size)
+        if d.source == "decoded":
+            source = DecodedFeatures(demo.decoded_dir, sub, cfg.roi, layers)
+            if std["ref_std"] is None and std["std_correction"] != "none":
+                std["ref_std"] = load_reference_std(demo.std_file, layers)
+        elif d.source == "true":
+            source, std["std_correction"], sub = TrueFeatures(demo.true_dir, layers), "none", "true"
+        else:
+            raise ConfigError(f"data.source={d.source!r} is not valid", "use decoded or true")
+        return ReconDataModule(source, shapes, stimuli=stimuli, **std, **common), sub
+
+    root = _path(_require(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
+                 "data.root")
+    if d.kind == "true":
+        images = ImageFolder(root, encoder.input_size)
+        source = ImageFeatures(images, encoder, layers)
+        std["std_correction"] = "none"
+        return ReconDataModule(source, shapes, stimuli=images, **std, **common), "true"
+    if std["std_correction"] != "none" and std["ref_std"] is None:
+        raise ConfigError(f"data.std_correction={std['std_correction']} needs data.std_ref",
+                          "set data.std_ref=<estimated_vgg19_cnn_feat_std.mat> or"
+                          " data.std_correction=none")
+    stimuli = (ImageFolder(_path(d.stimuli, "data.stimuli"), encoder.input_size)
+               if d.get("stimuli") else None)
+    if d.kind == "decoded":
+        sub = subject_id(cfg.subject, "bdpy")
+        source = DecodedFeatures(root, sub, cfg.roi, layers, fold=d.get("fold"))
+    else:
+        sub = subject_id(cfg.subject, "caffe")
+        source = CaffeDecodedFeatures(root, sub, cfg.roi, layers,
+                                      feature_type=d.feature_type, net=d.net)
+    return ReconDataModule(source, shapes, stimuli=stimuli, **std, **common), sub
+
+
+def _demo_labels(d: DictConfig) -> Sequence[str]:
+    from icnn_pl.data.demo import STIMULI
+
+    limit = d.get("limit")
+    return STIMULI if limit is None else STIMULI[: int(limit)]
+
+
+def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> Job:
+    """Check ``cfg``, build networks, data, outputs and logger: a ready-to-run ``Job``."""
+    check_config(cfg)
+    encoder, network_id = build_encoder_from_cfg(cfg)
+    recipe = build_recipe(cfg, encoder)
+    datamodule, sub = build_datamodule(cfg, encoder, network_id)
+    datamodule.setup("predict")  # lists labels: fails now, not after the first image
+    outputs = ReconOutputs(run_dir, sub, cfg.roi)
+    lg = cfg.logger
+    logger = make_logger(
+        lg.kind, run_dir, name=Path(run_dir).name, project=lg.get("project", "icnn-pl"),
+        group=lg.get("group") or group or cfg.method.name, mode=lg.get("mode", "offline"),
+        tags=_plain(lg.get("tags")) or [cfg.method.name, sub, cfg.roi],
+        config=_plain(cfg),
+    )
+    t = cfg.trainer
+    trainer_args = {"accelerator": t.accelerator, "devices": t.devices,
+                    "log_every_n_steps": t.get("log_every_n_steps", 10)}
+    if t.get("precision") is not None:
+        trainer_args["precision"] = t.precision
+    return Job(datamodule=datamodule, encoder=encoder, recipe=recipe, outputs=outputs,
+               method=cfg.method.name, subject=sub, roi=cfg.roi, trainer_args=trainer_args,
+               logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
+               seed=int(cfg.seed), progress=bool(cfg.progress))

@@ -1,0 +1,169 @@
+"""``ReconDataModule``: the images to reconstruct, one batch of target feature sets at a time.
+
+Each batch carries the labels, the targets (after std correction, stacked per layer),
+the per-image layer weights and the true images when they exist. The reconstruction
+module keeps targets as buffers, so the Trainer moves them to the device once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from icnn_pl.data.images import ImageFolder
+from icnn_pl.errors import ConfigError, DataError, IcnnError
+from icnn_pl.objective import layer_weights
+from icnn_pl.targets import stack_targets, std_correct
+
+
+class FeatureSource(Protocol):
+    """Anything that lists image labels and reads their features (the readers)."""
+
+    def labels(self) -> list[str]: ...
+
+    def read(self, label: str) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class TargetBatch:
+    labels: list[str]
+    targets: dict[str, torch.Tensor]  # name -> (B, ...)
+    weights: dict[str, torch.Tensor]  # name -> (B,)
+    true_images: list[np.ndarray | None]  # (H, W, 3) RGB 0-255 per image, or None
+
+
+def select_labels(
+    available: Sequence[str], labels: Sequence[str] | None = None, limit: int | None = None,
+    num_shards: int = 1, shard: int = 0,
+) -> list[str]:
+    """Pick labels (explicit list, then ``limit``, then shard ``shard`` of ``num_shards``)."""
+    available = list(available)
+    if labels:
+        missing = [lab for lab in labels if lab not in available]
+        if missing:
+            raise DataError(f"labels {missing} not found in the data",
+                            f"available labels include {available[:8]}")
+        chosen = list(labels)
+    else:
+        chosen = available
+    if limit is not None:
+        if int(limit) <= 0:
+            raise ConfigError(f"data.limit must be positive, got {limit}", "set data.limit >= 1")
+        chosen = chosen[: int(limit)]
+    if not (int(num_shards) >= 1 and 0 <= int(shard) < int(num_shards)):
+        raise ConfigError(f"shard {shard} of {num_shards} is not valid",
+                          "use data.num_shards >= 1 and 0 <= data.shard < data.num_shards")
+    # Strided split: deterministic, disjoint, and the union is every label.
+    return chosen[int(shard)::int(num_shards)]
+
+
+@dataclass
+class FailedBatch:
+    """A batch whose features could not be loaded; the job reports it and goes on."""
+
+    labels: list[str]
+    error: IcnnError
+
+
+class _TargetSets(Dataset):
+    def __init__(self, dm: ReconDataModule, chunks: list[list[str]]) -> None:
+        self.dm, self.chunks = dm, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> TargetBatch | FailedBatch:
+        try:
+            return self.dm.load(self.chunks[i])
+        except IcnnError as exc:
+            return FailedBatch(list(self.chunks[i]), exc)
+
+
+class ReconDataModule(pl.LightningDataModule):
+    """Target features for a job, validated before any reconstruction starts.
+
+    Args:
+        source: a feature reader (decoded, Caffe-era, true, demo or image features).
+        shapes: expected per-image shape of each target layer, in forward order
+            (``icnn_pl.targets.expected_shapes``).
+        weights: layer weighting (``inverse_norm``, ``uniform`` or a dict).
+        std_correction / ref_std / train_mean: decoded-feature scaling (``std_correct``).
+        stimuli: images whose stems are the labels (true images for evaluation).
+        labels / limit / num_shards / shard: which images to run.
+        batch_size: images reconstructed together (GD methods).
+    """
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        weights: str | Mapping[str, float] = "inverse_norm",
+        std_correction: str = "none",
+        ref_std: Mapping[str, float] | None = None,
+        train_mean: Mapping[str, np.ndarray] | None = None,
+        stimuli: ImageFolder | None = None,
+        labels: Sequence[str] | None = None,
+        limit: int | None = None,
+        num_shards: int = 1,
+        shard: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}",
+                              "set data.batch_size=1 (or more for GD methods)")
+        self.source = source
+        self.shapes = dict(shapes)
+        self.weights = weights
+        self.std_correction = std_correction
+        self.ref_std = ref_std
+        self.train_mean = train_mean
+        self.stimuli = stimuli
+        self._selection = (labels, limit, num_shards, shard)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.labels: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """List and select the labels; fails fast on missing layers/subjects/labels."""
+        self.labels = select_labels(self.source.labels(), *self._selection)
+        if not self.labels:
+            raise DataError("no images to reconstruct after label selection",
+                            "check data.labels / data.limit / data.shard")
+
+    def load(self, labels: Sequence[str]) -> TargetBatch:
+        """Read, std-correct, validate and stack the features of ``labels``."""
+        sets = [std_correct({n: f for n, f in self.source.read(lab).items() if n in self.shapes},
+                            self.ref_std, self.std_correction, self.train_mean)
+                for lab in labels]
+        targets = stack_targets(sets, self.shapes, labels)
+        return TargetBatch(
+            labels=list(labels),
+            targets=targets,
+            weights=layer_weights(targets, self.weights, labels),
+            true_images=[self.true_image(lab) for lab in labels],
+        )
+
+    def true_image(self, label: str) -> np.ndarray | None:
+        if self.stimuli is None or label not in self.stimuli:
+            return None
+        return self.stimuli.image(label)
+
+    def predict_dataloader(self, labels: Sequence[str] | None = None) -> DataLoader:
+        """Batches of ``labels`` (default: all selected), loaded in order."""
+        labels = self.labels if labels is None else list(labels)
+        chunks = [labels[i:i + self.batch_size] for i in range(0, len(labels), self.batch_size)]
+        return DataLoader(_TargetSets(self, chunks), batch_size=None, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=_identity)
+
+
+def _identity(x: Any) -> Any:
+    return x

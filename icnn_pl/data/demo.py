@@ -1,0 +1,147 @@
+"""The embedded demo: stimuli bundled with scikit-image, their true features, and simulated
+"decoded" features for three subjects, written on first use in the lab's file layouts.
+
+It shows the pipeline end to end on a machine with no data; it is not the paper's data.
+Decoded features are the true features plus Gaussian noise at a different signal-to-noise
+ratio per subject (sub-01 best, sub-03 worst), so reconstructions degrade from subject 1
+to 3. Everything is deterministic and keyed by the network that computed the features,
+so another network (e.g. the real VGG19 weights) gets its own demo folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.data.matio import load_mat, save_mat
+from icnn_pl.data.readers import subject_id
+from icnn_pl.errors import ConfigError
+from icnn_pl.image import to_caffe
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.targets import feature_std
+
+log = logging.getLogger(__name__)
+
+# Colour photographs bundled inside scikit-image (nothing is downloaded).
+STIMULI = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
+           "hubble_deep_field", "immunohistochemistry", "retina")
+# Noise std as a multiple of each layer's feature std: signal correlations ~0.89/0.71/0.55.
+NOISE_LEVELS = {"sub-01": 0.5, "sub-02": 1.0, "sub-03": 1.5}
+ROI = "VC"
+
+
+def load_stimulus(name: str) -> np.ndarray:
+    """A bundled scikit-image photograph as an RGB uint8 array."""
+    import skimage.data
+
+    if name == "motorcycle_left":
+        return skimage.data.stereo_motorcycle()[0]
+    if name not in STIMULI:
+        raise ConfigError(f"unknown demo stimulus {name!r}", f"use one of {STIMULI}")
+    return getattr(skimage.data, name)()
+
+
+def _seed(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(parts).encode()).digest()[:8], "little")
+
+
+class Demo:
+    """The demo folder for one encoder: ``<root>/<network fingerprint>/``.
+
+    Layout: ``stimuli/<label>.png``; true features ``true/<layer>/<label>.mat``; decoded
+    features ``decoded/<layer>/<sub-0N>/VC/decoded_features/<label>.mat`` (bdpy layout);
+    reference stds ``feat_std.mat``. Files are written atomically and only when missing.
+    """
+
+    def __init__(self, root: str | Path, encoder: FeatureEncoder, network_id: str) -> None:
+        self.encoder = encoder
+        self.layers = list(encoder.forward_order(encoder.known_layers))
+        key = f"{network_id}|{encoder.mean_bgr}|{encoder.input_size}|{self.layers}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        self.dir = Path(root) / f"{network_id.split('|')[0]}-{digest}"
+
+    @property
+    def stimuli_dir(self) -> Path:
+        return self.dir / "stimuli"
+
+    @property
+    def true_dir(self) -> Path:
+        return self.dir / "true"
+
+    @property
+    def decoded_dir(self) -> Path:
+        return self.dir / "decoded"
+
+    @property
+    def std_file(self) -> Path:
+        return self.dir / "feat_std.mat"
+
+    def ensure(self, labels: Sequence[str] = STIMULI, subject: int | str | None = None) -> Demo:
+        """Write whatever is missing for ``labels`` (and ``subject``'s decoded features)."""
+        unknown = [lab for lab in labels if lab not in STIMULI]
+        if unknown:
+            raise ConfigError(f"demo has no images {unknown}", f"demo labels are {STIMULI}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.dir / "README.txt", __doc__ or "")
+        # Reference stds come from all demo stimuli, as the lab's came from many images;
+        # only the requested labels' features are kept on disk (each image is ~60 MB).
+        true = {lab: self._true_features(lab) for lab in labels}
+        if not self.std_file.exists():
+            stds = {n: [] for n in self.layers}
+            for lab in STIMULI:
+                feats = true.get(lab) or self._true_features(lab, save=False)
+                for n in self.layers:
+                    stds[n].append(feature_std(feats[n]))
+            save_mat(self.std_file, {n: np.float64(np.mean(v)) for n, v in stds.items()})
+        if subject is not None:
+            sub = subject_id(subject, "bdpy")
+            if sub not in NOISE_LEVELS:
+                raise ConfigError(f"the demo has no subject {sub}",
+                                  f"use subject=1, 2 or 3 ({', '.join(NOISE_LEVELS)})")
+            for lab in labels:
+                self._decoded_features(lab, sub, true.get(lab))
+        return self
+
+    def _stimulus(self, label: str) -> np.ndarray:
+        path = self.stimuli_dir / f"{label}.png"
+        if not path.exists():
+            h, w = self.encoder.input_size
+            im = Image.fromarray(load_stimulus(label)).convert("RGB").resize((w, h), Image.BICUBIC)
+            with atomic_path(path) as tmp:
+                im.save(tmp, format="PNG")
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+    def _true_features(self, label: str, save: bool = True) -> dict[str, np.ndarray]:
+        paths = {n: self.true_dir / n / f"{label}.mat" for n in self.layers}
+        if all(p.exists() for p in paths.values()):
+            return {n: load_mat(p) for n, p in paths.items()}
+        image = to_caffe(self._stimulus(label), self.encoder.mean_bgr).to(self.encoder.device)
+        self.encoder.set_layers(self.layers)
+        with torch.no_grad():
+            feats = {n: t[0].cpu().numpy() for n, t in self.encoder(image).items()}
+        for n, p in paths.items():
+            if save:
+                save_mat(p, {"feat": feats[n][None]})
+        return feats
+
+    def _decoded_features(self, label: str, sub: str, true: dict | None) -> None:
+        paths = {n: self.decoded_dir / n / sub / ROI / "decoded_features" / f"{label}.mat"
+                 for n in self.layers}
+        if all(p.exists() for p in paths.values()):
+            return
+        true = true or self._true_features(label)
+        for n, p in paths.items():
+            if p.exists():
+                continue
+            rng = np.random.default_rng(_seed(sub, label, n))
+            f = true[n]
+            noisy = f + rng.standard_normal(f.shape, dtype=np.float32) * (
+                NOISE_LEVELS[sub] * feature_std(f))
+            save_mat(p, {"feat": noisy[None].astype(np.float32)})

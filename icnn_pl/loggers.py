@@ -1,0 +1,110 @@
+"""Experiment loggers (W&B, CSV, TensorBoard) and what a job shows in them.
+
+W&B runs offline by default (no key, no network) inside the run directory; ``wandb sync``
+of ``<run dir>/wandb/offline-run-*`` later fills the dashboard. Images are logged as
+uint8 (float images in [0, 1] show up black in W&B).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+from icnn_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+
+def make_logger(
+    kind: str, save_dir: str | Path, name: str, *, project: str = "icnn-pl",
+    group: str | None = None, mode: str = "offline", tags: Sequence[str] = (),
+    config: Mapping[str, Any] | None = None,
+) -> Logger | None:
+    """One logger per job (``none`` gives None)."""
+    save_dir = Path(save_dir)
+    if kind == "none":
+        return None
+    if kind == "csv":
+        return CSVLogger(save_dir, name="csv", version="")
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir, name="tensorboard", version="")
+    if kind == "wandb":
+        if mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logger.mode={mode!r} is not a W&B mode",
+                              "use offline (default), online or disabled")
+        save_dir.mkdir(parents=True, exist_ok=True)
+        logger = WandbLogger(
+            project=project, name=name, group=group, save_dir=str(save_dir),
+            offline=mode == "offline", mode=mode, tags=list(tags), config=dict(config or {}),
+            settings=_wandb_settings(),
+        )
+        _ = logger.experiment  # start the run now: a broken W&B fails before any work
+        return logger
+    raise ConfigError(f"unknown logger {kind!r}", f"use one of {LOGGERS}")
+
+
+def _wandb_settings() -> Any:
+    import wandb
+
+    # No console capture or system stats: the job's own log is the record.
+    return wandb.Settings(console="off", x_disable_stats=True, silent=True)
+
+
+def log_image(logger: Logger | None, label: str, recon: np.ndarray,
+              true: np.ndarray | None, step: int) -> None:
+    """One reconstruction beside its true image (both uint8 HxWx3)."""
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        images = [wandb.Image(recon, caption=f"{label} reconstruction")]
+        if true is not None:
+            images.insert(0, wandb.Image(true, caption=f"{label} true"))
+        logger.experiment.log({"reconstructions": images, "image_index": step})
+    elif isinstance(logger, TensorBoardLogger):
+        pair = recon if true is None else np.concatenate([true, recon], axis=1)
+        logger.experiment.add_image(f"recon/{label}", pair, step, dataformats="HWC")
+
+
+def log_summary(logger: Logger | None, rows: Sequence[Mapping[str, Any]],
+                images: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+                summary: Mapping[str, float], figures: Mapping[str, np.ndarray]) -> None:
+    """Per-image table (true image, reconstruction, numbers), summary metrics, figures."""
+    if logger is None:
+        return
+    logger.log_metrics({f"summary/{k}": v for k, v in summary.items()
+                        if isinstance(v, int | float) and np.isfinite(v)})
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        keys = [k for k in rows[0] if k != "label"] if rows else []
+        table = wandb.Table(columns=["label", "true", "reconstruction", *keys])
+        for r in rows:
+            recon, true = images.get(r["label"], (None, None))
+            table.add_data(
+                r["label"], None if true is None else wandb.Image(true),
+                None if recon is None else wandb.Image(recon), *[r.get(k) for k in keys])
+        logger.experiment.log({"results": table,
+                               **{k: wandb.Image(v) for k, v in figures.items()}})
+        for k, v in summary.items():
+            logger.experiment.summary[k] = v
+    elif isinstance(logger, TensorBoardLogger):
+        for k, v in figures.items():
+            logger.experiment.add_image(k, v, 0, dataformats="HWC")
+
+
+def finish(logger: Logger | None, status: str = "success") -> None:
+    """Close the run (W&B needs ``wandb.finish()`` between jobs in one process)."""
+    if logger is None:
+        return
+    logger.finalize(status)
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        wandb.finish(exit_code=0 if status == "success" else 1)

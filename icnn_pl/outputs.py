@@ -1,0 +1,107 @@
+"""Files a job leaves behind, written atomically so a crash never leaves half a file.
+
+Per image, under ``<run dir>/<subject>/<roi>/``: ``recon_image-<label>.mat`` (the raw
+HxWx3 RGB float image ``recon_image``, ``loss_history`` and, for DGN methods, the final
+code ``recon_gen_feat``) and ``recon_image-<label>.png`` (display image). The ``.mat`` is
+written last and marks the image as finished: a re-run skips it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.data.matio import load_mat_dict, save_mat
+from icnn_pl.errors import ConfigError, DataError
+from icnn_pl.image import display_image
+
+
+class ReconOutputs:
+    """Paths and writers for one (subject, ROI) of a run directory."""
+
+    def __init__(self, run_dir: str | Path, subject: str, roi: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / subject / roi
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write to the output directory {self.dir}: {exc}",
+                              "choose a writable hydra.run.dir") from exc
+
+    def mat_path(self, label: str) -> Path:
+        return self.dir / f"recon_image-{label}.mat"
+
+    def png_path(self, label: str) -> Path:
+        return self.dir / f"recon_image-{label}.png"
+
+    def is_done(self, label: str) -> bool:
+        return self.mat_path(label).is_file()
+
+    def write(self, label: str, image: np.ndarray, loss_history: np.ndarray,
+              code: np.ndarray | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        """PNG first, then the ``.mat`` that marks the image finished."""
+        with atomic_path(self.png_path(label)) as tmp:
+            Image.fromarray(display_image(image)).save(tmp, format="PNG")
+        variables: dict[str, Any] = {
+            "recon_image": np.asarray(image, dtype=np.float32),
+            "loss_history": np.asarray(loss_history, dtype=np.float32),
+        }
+        if code is not None:
+            variables["recon_gen_feat"] = np.asarray(code, dtype=np.float32)
+        for k, v in (meta or {}).items():
+            variables[k] = v
+        save_mat(self.mat_path(label), variables)
+
+    def read(self, label: str) -> dict[str, np.ndarray]:
+        """A finished image's variables (raises DataError if unreadable)."""
+        return load_mat_dict(self.mat_path(label))
+
+
+def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows as CSV (``.csv``) or JSON (``.json``), atomically; NaN becomes empty / null."""
+    path = Path(path)
+    if path.suffix == ".json":
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in r.items()} for r in rows]
+        write_text_atomic(path, json.dumps(clean, indent=2, default=_jsonable))
+        return
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                         for k, v in r.items()})
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"results file {path} is corrupt: {exc}", "delete it to rebuild") from exc
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)

@@ -1,0 +1,212 @@
+"""A job: reconstruct every selected image of one (method, subject, ROI), resumably.
+
+Plain objects in, files out: the Hydra entry point, the tests and scripts share this path.
+The frozen networks are built once per job; each image batch gets a fresh module and a
+fresh lean Trainer. Finished images are skipped on a re-run; a failing image is reported
+and the job goes on (unless ``fail_fast``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pytorch_lightning.loggers import Logger
+from tqdm.auto import tqdm
+
+from icnn_pl import loggers
+from icnn_pl.build import build_reconstruction
+from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
+from icnn_pl.errors import DataError, IcnnError
+from icnn_pl.gallery import loss_curves_image, make_gallery, save_png
+from icnn_pl.image import display_image
+from icnn_pl.metrics import mean_ci95, score_images
+from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.outputs import ReconOutputs, write_table
+from icnn_pl.runner import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything one job needs, built once (networks, data, recipe, outputs, logger)."""
+
+    datamodule: ReconDataModule
+    encoder: FeatureEncoder
+    recipe: dict[str, Any]  # build_reconstruction keyword arguments (optimizer, steps, ...)
+    outputs: ReconOutputs
+    method: str
+    subject: str
+    roi: str
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    logger: Logger | None = None
+    resume: bool = True
+    fail_fast: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    rows: list[dict[str, Any]]
+    failures: dict[str, str]
+    skipped: list[str]
+    summary: dict[str, float]
+    objective: float  # mean pixel correlation when true images exist, else mean final loss
+
+
+def image_seed(seed: int, labels: list[str]) -> int:
+    """Seed from the job seed and the labels: results do not depend on order or sharding."""
+    return (seed * 1_000_003 + zlib.crc32("|".join(labels).encode())) % 2**31
+
+
+def run_job(job: Job) -> JobSummary:
+    """Run every pending image of the job, then score, summarise and log."""
+    dm, out = job.datamodule, job.outputs
+    dm.setup("predict")
+    done = [lab for lab in dm.labels if job.resume and out.is_done(lab)]
+    pending = [lab for lab in dm.labels if lab not in done]
+    if done:
+        log.info("resuming: %d of %d images already finished in %s (skipped)",
+                 len(done), len(dm.labels), out.dir)
+    rows: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(dm.labels), initial=len(done), unit="img", disable=not job.progress,
+               desc=f"{job.method} {job.subject} {job.roi}", dynamic_ncols=True)
+    for batch in dm.predict_dataloader(pending):
+        try:
+            if isinstance(batch, FailedBatch):
+                raise batch.error
+            rows.update(_reconstruct(job, batch, step=len(rows)))
+            bar.set_postfix(loss=f"{rows[batch.labels[-1]]['final_loss']:.4g}")
+        except IcnnError as exc:
+            if job.fail_fast:
+                raise
+            for lab in batch.labels:
+                failures[lab] = str(exc).splitlines()[0]
+                log.error("image %s failed: %s", lab, exc)
+        bar.update(len(batch.labels))
+    bar.close()
+    return _finish(job, rows, failures, done)
+
+
+def _reconstruct(job: Job, batch, step: int) -> dict[str, dict[str, Any]]:
+    t0 = time.perf_counter()
+    module = build_reconstruction(
+        batch.targets, job.encoder, weights=batch.weights, labels=batch.labels,
+        seed=image_seed(job.seed, batch.labels), **job.recipe)
+    result = fit(module, logger=job.logger, **job.trainer_args)
+    seconds = (time.perf_counter() - t0) / len(batch.labels)
+    rows = {}
+    for i, label in enumerate(batch.labels):
+        image, history = result.images[i], result.loss_history[i]
+        if not np.isfinite(image).all():
+            raise DataError(f"image {label}: the reconstruction diverged (NaN/inf pixels)",
+                            "lower the learning rate or check the targets")
+        code = None if result.codes is None else result.codes[i]
+        job.outputs.write(label, image, history, code,
+                          meta={"method": job.method, "subject": job.subject, "roi": job.roi})
+        rows[label] = {
+            "label": label, "method": job.method, "subject": job.subject, "roi": job.roi,
+            "final_loss": float(history[-1]), "iterations": job.recipe["n_iter"],
+            "function_evals": int(result.n_evals), "seconds": round(seconds, 3),
+        }
+        true = batch.true_images[i]
+        loggers.log_image(job.logger, label, display_image(image),
+                          None if true is None else true.astype(np.uint8), step + i)
+        log.info("%s: final loss %.6g after %d evaluations, %.1f s",
+                 label, history[-1], result.n_evals, seconds)
+    return rows
+
+
+def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
+            done: list[str]) -> JobSummary:
+    dm, out = job.datamodule, job.outputs
+    labels = [lab for lab in dm.labels if lab not in failures]
+    recons, histories = {}, {}
+    for lab in labels:
+        data = out.read(lab)
+        recons[lab] = data["recon_image"]
+        histories[lab] = np.ravel(data["loss_history"])
+        if lab not in rows:  # finished by an earlier run
+            rows[lab] = {"label": lab, "method": job.method, "subject": job.subject,
+                         "roi": job.roi, "final_loss": float(histories[lab][-1]),
+                         "iterations": job.recipe["n_iter"],
+                         "function_evals": len(histories[lab]), "seconds": float("nan")}
+    trues = {lab: dm.true_image(lab) for lab in labels}
+    trues = {k: v for k, v in trues.items() if v is not None}
+    table = [rows[lab] for lab in labels]
+    if trues and len(trues) == len(labels):
+        for score in score_images(recons, trues, on="display"):
+            rows[score["label"]].update({k: v for k, v in score.items() if k != "label"})
+    summary = _summary(table)
+    write_table(out.run_dir / "results.csv", table)
+    write_table(out.run_dir / "results.json", table)
+    figures = _figures(out.run_dir, labels, recons, trues, histories, rows)
+    loggers.log_summary(job.logger, table,
+                        {lab: (display_image(recons[lab]), trues.get(lab)) for lab in labels},
+                        summary, figures)
+    _print_summary(job, table, summary, failures)
+    objective = summary.get("pixel_corr", summary.get("final_loss", float("nan")))
+    return JobSummary(table, failures, done, summary, float(objective))
+
+
+def _summary(table: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ["final_loss", "pixel_corr", "ssim", "ident_corr", "ident_euclid", "seconds"]
+    summary = {}
+    for k in keys:
+        values = [r[k] for r in table if isinstance(r.get(k), int | float)]
+        if values:
+            mean, lo, hi = mean_ci95(values)
+            summary[k], summary[f"{k}_ci95_low"], summary[f"{k}_ci95_high"] = mean, lo, hi
+    summary["n_images"] = len(table)
+    return summary
+
+
+def _figures(run_dir: Path, labels: list[str], recons: Mapping[str, np.ndarray],
+             trues: Mapping[str, np.ndarray], histories: Mapping[str, np.ndarray],
+             rows: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    if not labels:
+        return {}
+    grid = []
+    if trues:
+        grid.append(("true", [trues.get(lab) for lab in labels]))
+    grid.append(("reconstruction", [display_image(recons[lab]) for lab in labels]))
+    captions = [[None] * len(labels)] * (len(grid) - 1) + [[
+        f"r={rows[lab]['pixel_corr']:.2f}" if "pixel_corr" in rows[lab] else
+        f"loss={rows[lab]['final_loss']:.3g}" for lab in labels]]
+    gallery = make_gallery(grid, labels, captions)
+    curves = loss_curves_image(histories)
+    save_png(gallery, run_dir / "gallery.png")
+    save_png(curves, run_dir / "loss_curves.png")
+    return {"gallery": np.asarray(gallery), "loss_curves": np.asarray(curves)}
+
+
+def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, float],
+                   failures: Mapping[str, str]) -> None:
+    cols = [("label", "{}"), ("final_loss", "{:.4g}"), ("pixel_corr", "{:.3f}"),
+            ("ident_corr", "{:.2f}"), ("ssim", "{:.3f}"), ("seconds", "{:.1f}")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in table)]
+    lines = ["  ".join(f"{k:>14}" for k, _ in cols)]
+    for r in table:
+        lines.append("  ".join(f"{_fmt(f, r.get(k)):>14}" for k, f in cols))
+    lines.append("  ".join(f"{_fmt(f, summary.get(k)) if k != 'label' else 'mean':>14}"
+                           for k, f in cols))
+    head = (f"{job.method} | {job.subject} | {job.roi}: {len(table)} images"
+            f" ({len(failures)} failed) -> {job.outputs.run_dir}")
+    print("\n" + head + "\n" + "\n".join(lines))
+    for lab, why in failures.items():
+        print(f"FAILED {lab}: {why}")
+
+
+def _fmt(fmt: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return fmt.format(v)
