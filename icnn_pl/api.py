@@ -31,12 +31,17 @@ def as_encoder(
     if isinstance(net, FeatureEncoder):
         if layer_mapping:
             net.layer_mapping.update(layer_mapping)
+        if img_mean is not None or input_size is not None:
+            raise ConfigError("img_mean / input_size are set on the icnn_pl encoder itself",
+                              "build the encoder with them (build_encoder(mean_bgr=..., "
+                              "input_size=...)) and leave these options unset")
         return net
     if not isinstance(net, nn.Module):
         raise ConfigError(f"net must be an nn.Module, got {type(net).__name__}",
                           "pass an icnn_pl encoder or a torch module with layer_mapping")
-    return FeatureEncoder(net, layer_mapping, img_mean or PAPER_MEAN_BGR,
-                          input_size or (224, 224))
+    return FeatureEncoder(net, layer_mapping,
+                          PAPER_MEAN_BGR if img_mean is None else img_mean,
+                          (224, 224) if input_size is None else input_size)
 
 
 def layer_weight_mode(layer_weight: Any) -> str | Mapping[str, float]:
@@ -56,13 +61,16 @@ def reconstruct(
     **build_kwargs: Any,
 ) -> ReconResult:
     """Validate ``features`` against ``net``, build the reconstruction, fit it, return it."""
+    init = build_kwargs.get("init")
+    if input_size is None and not isinstance(net, FeatureEncoder) and not isinstance(init, str) \
+            and init is not None and np.ndim(init) == 3:
+        input_size = tuple(np.shape(init)[:2])  # a raw module's input size from the image
     encoder = as_encoder(net, layer_mapping, img_mean, input_size)
     if not features:
         raise DataError("no target features given", "pass a dict of layer name -> features")
     targets = stack_targets([features], expected_shapes(encoder, list(features)))
     generator = build_kwargs.get("generator")
     if generator is not None:
-        generator.eval().requires_grad_(False)
         generator.to(encoder.device)
     module = build_reconstruction(targets, encoder, **build_kwargs)
     return fit(module, logger=logger, **device_trainer_args(encoder.device))

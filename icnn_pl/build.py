@@ -3,6 +3,7 @@ the Hydra pipeline, so a fix in one is a fix in both."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,10 +46,12 @@ def build_reconstruction(
     Pixel methods optimise the Caffe-space image (``pixel_bounds`` keeps raw pixels in
     [0, 255]); with a ``generator`` they optimise its input code within ``code_bounds``.
     """
-    if int(n_iter) <= 0:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int | np.integer) or n_iter <= 0:
         raise ConfigError(f"n_iter must be a positive integer, got {n_iter}", "set n_iter >= 1")
     batch = next(iter(targets.values())).shape[0]
-    rng = torch.Generator().manual_seed(seed)
+    labels = list(labels) if labels is not None else [str(i) for i in range(batch)]
+    # One generator per image: an image starts from the same point alone or in a batch.
+    rngs = [torch.Generator().manual_seed(image_seed(seed, lab)) for lab in labels]
     shapes = {n: tuple(t.shape[1:]) for n, t in targets.items()}
     masks, channels = dict(masks or {}), dict(channels or {})
     unknown = sorted((set(masks) | set(channels)) - set(targets))
@@ -62,16 +65,30 @@ def build_reconstruction(
         loss_type,
     )
     if generator is None:
-        param = PixelImage(
-            initial_image(init, batch, encoder.input_size, encoder.mean_bgr, rng),
-            encoder.mean_bgr, bounded=pixel_bounds,
-        )
+        init_value = torch.cat([
+            initial_image(_one(init, i), 1, encoder.input_size, encoder.mean_bgr, rng)
+            for i, rng in enumerate(rngs)])
+        param = PixelImage(init_value, encoder.mean_bgr, bounded=pixel_bounds)
     else:
         dim = int(getattr(generator, "input_size", 4096))
-        param = GeneratorCode(
-            initial_code(init, batch, dim, rng), generator, encoder.input_size, *code_bounds
-        )
+        init_value = torch.cat([initial_code(_one(init, i), 1, dim, rng)
+                                for i, rng in enumerate(rngs)])
+        param = GeneratorCode(init_value, generator, encoder.input_size, *code_bounds)
     return Reconstruction(
         param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
-        return_last_forward=return_last_forward, labels=labels, seed=seed,
+        return_last_forward=return_last_forward, labels=labels, seed=image_seed(seed, *labels),
     )
+
+
+def image_seed(seed: int, *labels: str) -> int:
+    """A seed from the job seed and image labels: results do not depend on the order,
+    batching or sharding of the images."""
+    return (seed * 1_000_003 + zlib.crc32("|".join(labels).encode())) % 2**31
+
+
+def _one(init: Any, i: int) -> Any:
+    """Image ``i``'s initial value: a name, one array shared by all, or row i of a batch."""
+    if isinstance(init, str):
+        return init
+    arr = init.detach().cpu().numpy() if isinstance(init, torch.Tensor) else np.asarray(init)
+    return arr[i] if arr.ndim in (2, 4) else arr

@@ -89,6 +89,18 @@ def check_config(cfg: DictConfig) -> None:
     std = cfg.data.get("std_correction", "none")
     if std not in STD_MODES:
         raise ConfigError(f"data.std_correction={std!r} is not valid", f"use one of {STD_MODES}")
+    if cfg.data.kind != "demo":
+        _path(_require(cfg, "data.root", f"set data.root=<path> for data={cfg.data.name}"),
+              "data.root")
+    if cfg.data.kind in ("decoded", "decoded_caffe") and std != "none":
+        _require(cfg, "data.std_ref", f"data.std_correction={std} needs reference stds: set"
+                 " data.std_ref=<estimated_vgg19_cnn_feat_std.mat> or data.std_correction=none")
+    # Files named in the config must exist before the (slow) networks are built.
+    for key in ("network.weights", "generator.weights", "generator.act_range", "data.std_ref",
+                "data.train_mean", "data.stimuli"):
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if value not in (None, "???"):
+            _path(value, key)
     names = _plain(cfg.layers.names)
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
@@ -198,10 +210,6 @@ def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
         source = ImageFeatures(images, encoder, layers)
         std["std_correction"] = "none"
         return ReconDataModule(source, shapes, stimuli=images, **std, **common), "true"
-    if std["std_correction"] != "none" and std["ref_std"] is None:
-        raise ConfigError(f"data.std_correction={std['std_correction']} needs data.std_ref",
-                          "set data.std_ref=<estimated_vgg19_cnn_feat_std.mat> or"
-                          " data.std_correction=none")
     stimuli = (ImageFolder(_path(d.stimuli, "data.stimuli"), encoder.input_size)
                if d.get("stimuli") else None)
     if d.kind == "decoded":
@@ -244,4 +252,5 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
     return Job(datamodule=datamodule, encoder=encoder, recipe=recipe, outputs=outputs,
                method=cfg.method.name, subject=sub, roi=cfg.roi, trainer_args=trainer_args,
                logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
-               seed=int(cfg.seed), progress=bool(cfg.progress))
+               seed=int(cfg.seed), progress=bool(cfg.progress),
+               snapshot_every=int(cfg.get("snapshot_every") or 0))

@@ -25,7 +25,8 @@ def reconstruct_image(
     lr_start: float = 2.0, lr_end: float = 1e-10,
     momentum_start: float = 0.9, momentum_end: float = 0.9,
     decay_start: float = 0.01, decay_end: float = 0.01,
-    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None, seed: int = 0,
+    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None,
+    input_size: tuple[int, int] | None = None, seed: int = 0,
     return_gen_feat: bool = False, logger: Any = False,
 ) -> tuple[np.ndarray, ...]:
     """Returns the image of the last forward pass (H, W, 3) RGB float32 0-255, the loss
@@ -33,7 +34,8 @@ def reconstruct_image(
     ``initial_gen_feat``: "normal" (library), "zeros" (paper script) or a vector;
     ``feat_upper_bound``: a scalar or the act_range vector (paper)."""
     res = reconstruct(
-        features, net, layer_mapping=layer_mapping, img_mean=img_mean, logger=logger,
+        features, net, layer_mapping=layer_mapping, img_mean=img_mean, input_size=input_size,
+        logger=logger,
         generator=net_gen,
         optimizer=partial(torch.optim.SGD, lr=lr_start, momentum=momentum_start),
         n_iter=iter_n,

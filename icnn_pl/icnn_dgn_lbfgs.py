@@ -24,14 +24,16 @@ def reconstruct_image(
     feat_upper_bound: Any = 100.0, loss_type: str = "l2", maxiter: int = 500, m: int = 10,
     ftol: float = 2.220446049250313e-09, gtol: float = 1e-05, maxls: int = 20,
     loss_scale: str = "grad",
-    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None, seed: int = 0,
+    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None,
+    input_size: tuple[int, int] | None = None, seed: int = 0,
     return_gen_feat: bool = False, logger: Any = False,
 ) -> tuple[np.ndarray, ...]:
     """Returns the image of the final code (H, W, 3) RGB float32 0-255, the loss of every
     function evaluation, and with ``return_gen_feat`` the final code. The initial code is
     projected into the bounds (scipy does the same; N(0, 1) is infeasible at lower 0)."""
     res = reconstruct(
-        features, net, layer_mapping=layer_mapping, img_mean=img_mean, logger=logger,
+        features, net, layer_mapping=layer_mapping, img_mean=img_mean, input_size=input_size,
+        logger=logger,
         generator=net_gen,
         optimizer=partial(ScipyLBFGSB, maxiter=maxiter, m=m, ftol=ftol, gtol=gtol,
                           maxls=maxls, loss_scale=loss_scale),

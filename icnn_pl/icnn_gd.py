@@ -34,7 +34,8 @@ def reconstruct_image(
     n_pct_start: float = 5.0, n_pct_end: float = 5.0,
     clip_small_contribution: bool = False, clip_small_contribution_every: int = 4,
     c_pct_start: float = 5.0, c_pct_end: float = 5.0,
-    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None, seed: int = 0,
+    layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None,
+    input_size: tuple[int, int] | None = None, seed: int = 0,
     logger: Any = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the image (H, W, 3) RGB float32 on the 0-255 scale (not clipped) and the
@@ -60,7 +61,8 @@ def reconstruct_image(
         if clip_small_contribution else None,
     )
     res = reconstruct(
-        features, net, layer_mapping=layer_mapping, img_mean=img_mean, logger=logger,
+        features, net, layer_mapping=layer_mapping, img_mean=img_mean, input_size=input_size,
+        logger=logger,
         optimizer=partial(torch.optim.SGD, lr=lr_start, momentum=momentum_start),
         n_iter=iter_n,
         schedules={"lr": Linear(lr_start, lr_end),

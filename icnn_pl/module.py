@@ -21,6 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from icnn_pl.errors import ConfigError
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.objective import Objective
@@ -82,6 +83,11 @@ class Reconstruction(pl.LightningModule):
         self.steps = steps
         if steps is not None:
             steps.check(param)
+        if self.runs_to_completion and param.value.shape[0] > 1:
+            raise ConfigError(
+                f"{param.value.shape[0]} images in one L-BFGS problem would share its line"
+                " search", "L-BFGS methods reconstruct one image per problem: set"
+                " data.batch_size=1")
         self.return_last_forward = return_last_forward
         self.labels = list(labels) if labels is not None else [
             str(i) for i in range(param.value.shape[0])]
@@ -104,6 +110,11 @@ class Reconstruction(pl.LightningModule):
     def n_steps(self) -> int:
         """Trainer steps: one per iteration, or one for a run-to-completion optimizer."""
         return 1 if self.runs_to_completion else self.n_iter
+
+    @property
+    def last_loss(self) -> torch.Tensor | None:
+        """Loss per image (B,) of the latest evaluation (on the device), None before any."""
+        return self._history[-1] if self._history else None
 
     # -- Lightning hooks ------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -135,7 +146,7 @@ class Reconstruction(pl.LightningModule):
             self._gradient_step(opt, int(t))
         if self.logger is None:
             return
-        last = self._history[-1]
+        last = self.last_loss
         self.log_dict({f"loss/{lab}": last[i] for i, lab in enumerate(self.labels)},
                       on_step=True, logger=True, batch_size=len(self.labels))
 

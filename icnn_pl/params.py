@@ -14,6 +14,7 @@ from torch import nn
 
 from icnn_pl.errors import ConfigError
 from icnn_pl.image import caffe_pixel_bounds, to_caffe
+from icnn_pl.nets.encoder import freeze
 from icnn_pl.nets.generator import center_crop
 
 Tensor = torch.Tensor
@@ -72,7 +73,7 @@ class GeneratorCode(Parameterization):
         lower: Tensor | float | None = None, upper: Tensor | float | None = None,
     ) -> None:
         super().__init__(init, _bound(lower, init), _bound(upper, init))
-        self._generator = (generator,)
+        self._generator = (freeze(generator),)
         self.crop = crop
 
     @property
@@ -125,7 +126,7 @@ def initial_image(
         )
     arr = np.asarray(spec.detach().cpu() if isinstance(spec, Tensor) else spec, dtype=np.float32)
     if arr.ndim == 3:
-        arr = np.broadcast_to(arr, (batch, *arr.shape))
+        arr = np.broadcast_to(arr, (batch, *arr.shape)).copy()
     if arr.shape != (batch, h, w, 3):
         raise ConfigError(
             f"initial image of shape {arr.shape} does not fit the network input {h}x{w}x3",

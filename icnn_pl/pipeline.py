@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
 from pytorch_lightning.loggers import Logger
 from tqdm.auto import tqdm
 
@@ -25,7 +27,7 @@ from icnn_pl.build import build_reconstruction
 from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
 from icnn_pl.errors import DataError, IcnnError
 from icnn_pl.gallery import loss_curves_image, make_gallery, save_png
-from icnn_pl.image import display_image
+from icnn_pl.image import display_image, from_caffe
 from icnn_pl.metrics import mean_ci95, score_images
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.outputs import ReconOutputs, write_table
@@ -51,6 +53,7 @@ class Job:
     fail_fast: bool = False
     seed: int = 0
     progress: bool = True
+    snapshot_every: int = 0  # save a display image every K iterations (0: off)
 
 
 @dataclass
@@ -62,9 +65,37 @@ class JobSummary:
     objective: float  # mean pixel correlation when true images exist, else mean final loss
 
 
-def image_seed(seed: int, labels: list[str]) -> int:
-    """Seed from the job seed and the labels: results do not depend on order or sharding."""
-    return (seed * 1_000_003 + zlib.crc32("|".join(labels).encode())) % 2**31
+class _IterationProgress(pl.Callback):
+    """Shows the iteration and loss of the image in flight on the job's progress bar."""
+
+    def __init__(self, bar: tqdm, every: int = 10) -> None:
+        self.bar, self.every = bar, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if module.runs_to_completion or step % self.every and step != module.n_steps:
+            return
+        last = module.last_loss
+        loss = float(last.sum()) if last is not None else float("nan")
+        self.bar.set_postfix_str(f"it {step}/{module.n_steps} loss={loss:.4g}")
+
+
+class _Snapshots(pl.Callback):
+    """Saves display images of the reconstruction every ``every`` iterations (GD methods)
+    to ``<subject>/<roi>/snapshots/<label>/<iteration>.png``."""
+
+    def __init__(self, outputs: ReconOutputs, labels: list[str], every: int) -> None:
+        self.outputs, self.labels, self.every = outputs, labels, every
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if module.runs_to_completion or step % self.every:
+            return
+        images = from_caffe(module(), module.encoder.mean_bgr)
+        for label, image in zip(self.labels, images, strict=True):
+            path = self.outputs.dir / "snapshots" / label / f"{step:05d}.png"
+            save_png(Image.fromarray(display_image(image)), path)
 
 
 def run_job(job: Job) -> JobSummary:
@@ -84,8 +115,7 @@ def run_job(job: Job) -> JobSummary:
         try:
             if isinstance(batch, FailedBatch):
                 raise batch.error
-            rows.update(_reconstruct(job, batch, step=len(rows)))
-            bar.set_postfix(loss=f"{rows[batch.labels[-1]]['final_loss']:.4g}")
+            rows.update(_reconstruct(job, batch, step=len(rows), bar=bar))
         except IcnnError as exc:
             if job.fail_fast:
                 raise
@@ -97,12 +127,15 @@ def run_job(job: Job) -> JobSummary:
     return _finish(job, rows, failures, done)
 
 
-def _reconstruct(job: Job, batch, step: int) -> dict[str, dict[str, Any]]:
+def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, Any]]:
     t0 = time.perf_counter()
     module = build_reconstruction(
         batch.targets, job.encoder, weights=batch.weights, labels=batch.labels,
-        seed=image_seed(job.seed, batch.labels), **job.recipe)
-    result = fit(module, logger=job.logger, **job.trainer_args)
+        seed=job.seed, **job.recipe)
+    callbacks: list[pl.Callback] = [_IterationProgress(bar)] if job.progress else []
+    if job.snapshot_every > 0:
+        callbacks.append(_Snapshots(job.outputs, batch.labels, job.snapshot_every))
+    result = fit(module, logger=job.logger, callbacks=callbacks, **job.trainer_args)
     seconds = (time.perf_counter() - t0) / len(batch.labels)
     rows = {}
     for i, label in enumerate(batch.labels):

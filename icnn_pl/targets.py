@@ -55,7 +55,7 @@ def _as_feature(value: ArrayLike, name: str, shape: tuple[int, ...], label: str)
         t = t[0]
     if tuple(t.shape) != shape:
         raise DataError(
-            f"image {label}, layer {name}: target shape {tuple(value.shape)} does not match the"
+            f"image {label}, layer {name}: target shape {tuple(np.shape(value))} does not match the"
             f" layer's output {shape}",
             "use features computed with the same network and input size (or check the layer"
             " name / network.input_size)",

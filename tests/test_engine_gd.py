@@ -24,6 +24,7 @@ from engine_helpers import (
     tiny_encoder,
     tiny_net,
     tiny_targets,
+    torch_threads,
 )
 from scipy.ndimage import gaussian_filter
 
@@ -42,6 +43,15 @@ from icnn_pl.optim import (
     tv_norm_grad,
 )
 from icnn_pl.params import PixelImage
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_nets(request):
+    if request.node.get_closest_marker("slow"):
+        yield
+    else:
+        with torch_threads(1):
+            yield
 
 
 # --------------------------------------------------------------------------- reference loops
@@ -450,3 +460,23 @@ def test_encoder_is_any_feature_encoder():
         want = sequential_features(tiny_net(), x)
     for n in LAYERS:
         assert torch.equal(got[n], want[n])
+
+
+# --------------------------------------------------------------------------- small pieces
+def test_linear_schedule():
+    sched = Linear(2.0, 1e-10)
+    assert sched.at(0, 200) == 2.0
+    assert sched.at(199, 200) == pytest.approx(0.01, rel=1e-6)  # the last lr of 200 iterations
+    assert [optim_mod.linear(v) for v in (0.5, (1, 2), {"start": 3, "end": 4}, None)] == \
+        [Linear(0.5, 0.5), Linear(1.0, 2.0), Linear(3.0, 4.0), None]
+
+
+def test_gradient_normalisation_is_per_image():
+    g = torch.stack([torch.randn(3, 4, 4) * 1e-6, torch.randn(3, 4, 4) * 1e3,
+                     torch.zeros(3, 4, 4)])
+    want = g.clone()
+    for i in range(2):
+        want[i] /= want[i].abs().mean()
+    optim_mod.normalize_grad_(g)
+    torch.testing.assert_close(g, want)
+    assert torch.equal(g[2], torch.zeros(3, 4, 4))  # a zero gradient stays zero (no NaN)
