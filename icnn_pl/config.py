@@ -253,4 +253,9 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                method=cfg.method.name, subject=sub, roi=cfg.roi, trainer_args=trainer_args,
                logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
                seed=int(cfg.seed), progress=bool(cfg.progress),
-               snapshot_every=int(cfg.get("snapshot_every") or 0))
+               snapshot_every=int(cfg.get("snapshot_every") or 0),
+               info={"layers": cfg.layers.name, "network": cfg.network.name,
+                     "network_weights": cfg.network.weights, "data": cfg.data.name,
+                     "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),
+                     "generator": None if cfg.get("generator") is None else cfg.generator.name,
+                     "seed": int(cfg.seed)})

@@ -72,6 +72,15 @@ def log_image(logger: Logger | None, label: str, recon: np.ndarray,
         logger.experiment.add_image(f"recon/{label}", pair, step, dataformats="HWC")
 
 
+def log_curve(logger: Logger | None, label: str, history: np.ndarray) -> None:
+    """A whole loss curve at once (L-BFGS runs in one Trainer step, so its per-evaluation
+    losses are logged after the fact under the same key as GD's per-step losses)."""
+    if logger is None:
+        return
+    for i, v in enumerate(np.asarray(history, dtype=float)):
+        logger.log_metrics({f"loss/{label}": float(v)}, step=i)
+
+
 def log_summary(logger: Logger | None, rows: Sequence[Mapping[str, Any]],
                 images: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
                 summary: Mapping[str, float], figures: Mapping[str, np.ndarray]) -> None:

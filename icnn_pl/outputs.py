@@ -25,6 +25,11 @@ from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.image import display_image
 
 
+def recon_mat_path(outputs_dir: Path, label: str) -> Path:
+    """The finished-image file of ``label`` (its existence marks the image done)."""
+    return Path(outputs_dir) / f"recon_image-{label}.mat"
+
+
 class ReconOutputs:
     """Paths and writers for one (subject, ROI) of a run directory."""
 
@@ -41,7 +46,7 @@ class ReconOutputs:
                               "choose a writable hydra.run.dir") from exc
 
     def mat_path(self, label: str) -> Path:
-        return self.dir / f"recon_image-{label}.mat"
+        return recon_mat_path(self.dir, label)
 
     def png_path(self, label: str) -> Path:
         return self.dir / f"recon_image-{label}.png"

@@ -8,6 +8,7 @@ and the job goes on (unless ``fail_fast``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,12 +24,14 @@ from pytorch_lightning.loggers import Logger
 from tqdm.auto import tqdm
 
 from icnn_pl import loggers
+from icnn_pl.atomic import write_text_atomic
 from icnn_pl.build import build_reconstruction
 from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
 from icnn_pl.errors import DataError, IcnnError
+from icnn_pl.evaluate import summarize, write_job_metrics
 from icnn_pl.gallery import loss_curves_image, make_gallery, save_png
 from icnn_pl.image import display_image, from_caffe
-from icnn_pl.metrics import mean_ci95, score_images
+from icnn_pl.metrics import score_images
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.outputs import ReconOutputs, write_table
 from icnn_pl.runner import fit
@@ -54,6 +57,7 @@ class Job:
     seed: int = 0
     progress: bool = True
     snapshot_every: int = 0  # save a display image every K iterations (0: off)
+    info: dict[str, Any] = field(default_factory=dict)  # settings recorded in run_info.json
 
 
 @dataclass
@@ -151,6 +155,8 @@ def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, A
             "final_loss": float(history[-1]), "iterations": job.recipe["n_iter"],
             "function_evals": int(result.n_evals), "seconds": round(seconds, 3),
         }
+        if module.runs_to_completion:
+            loggers.log_curve(job.logger, label, history)
         true = batch.true_images[i]
         loggers.log_image(job.logger, label, display_image(image),
                           None if true is None else true.astype(np.uint8), step + i)
@@ -182,6 +188,15 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
     summary = _summary(table)
     write_table(out.run_dir / "results.csv", table)
     write_table(out.run_dir / "results.json", table)
+    stimuli = dm.stimuli.folder.resolve() if dm.stimuli is not None else None
+    write_text_atomic(out.run_dir / "run_info.json", json.dumps({
+        "method": job.method, "subject": job.subject, "roi": job.roi,
+        "outputs": str(out.dir.relative_to(out.run_dir)),
+        "stimuli": None if stimuli is None else str(stimuli),
+        "input_size": list(job.encoder.input_size), "labels": labels,
+        "failures": failures, **job.info}, indent=2, default=str))
+    if trues:  # per-image and mean scores on display and raw images, with 95% intervals
+        write_job_metrics(out.run_dir)
     figures = _figures(out.run_dir, labels, recons, trues, histories, rows)
     loggers.log_summary(job.logger, table,
                         {lab: (display_image(recons[lab]), trues.get(lab)) for lab in labels},
@@ -192,14 +207,10 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
 
 
 def _summary(table: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ["final_loss", "pixel_corr", "ssim", "ident_corr", "ident_euclid", "seconds"]
-    summary = {}
-    for k in keys:
-        values = [r[k] for r in table if isinstance(r.get(k), int | float)]
-        if values:
-            mean, lo, hi = mean_ci95(values)
-            summary[k], summary[f"{k}_ci95_low"], summary[f"{k}_ci95_high"] = mean, lo, hi
-    summary["n_images"] = len(table)
+    summary = summarize(table)
+    seconds = [r["seconds"] for r in table if np.isfinite(r.get("seconds", np.nan))]
+    if seconds:
+        summary["seconds"] = float(np.mean(seconds))
     return summary
 
 
