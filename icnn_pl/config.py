@@ -7,8 +7,9 @@ networks and the data (layers present, subject and ROI present, shapes match).
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import hydra.utils
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from icnn_pl.data.datamodule import ReconDataModule
-from icnn_pl.data.demo import Demo
+from icnn_pl.data.datamodule import ReconDataModule, select_labels
+from icnn_pl.data.demo import STIMULI, Demo
 from icnn_pl.data.images import ImageFeatures, ImageFolder
 from icnn_pl.data.readers import (
     CaffeDecodedFeatures,
@@ -29,7 +30,7 @@ from icnn_pl.data.readers import (
 )
 from icnn_pl.errors import ConfigError
 from icnn_pl.loggers import make_logger
-from icnn_pl.nets import build_encoder, build_generator
+from icnn_pl.nets import ARCHITECTURES, build_encoder, build_generator
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.optim import Clipping, GDSteps, Regularizer, linear
 from icnn_pl.outputs import ReconOutputs
@@ -39,14 +40,25 @@ from icnn_pl.targets import STD_MODES, expected_shapes
 log = logging.getLogger(__name__)
 
 METHOD_PARAMS = ("pixel", "code")
-DATA_KINDS = ("demo", "decoded", "decoded_caffe", "true")
+DATA_KINDS = ("demo", "decoded", "decoded_caffe", "true_features")
+DEMO_SOURCES = ("decoded", "true_features")
+TRUE_FEATURES = "true_features"  # the "subject" of runs from true features
 
 
 def register_resolvers() -> None:
     """``${icnn.run_name:...}``: the run directory name ("default" without overrides)."""
     if not OmegaConf.has_resolver("icnn.run_name"):
-        OmegaConf.register_new_resolver(
-            "icnn.run_name", lambda s: (s or "default").replace("/", "_"))
+        OmegaConf.register_new_resolver("icnn.run_name", run_name)
+
+
+def run_name(overrides: str | None) -> str:
+    """A directory name from the override string; long ones (e.g. many labels) are cut
+    and made unique with a hash, to stay under the file system's 255-byte limit."""
+    name = (overrides or "default").replace("/", "_")
+    if len(name.encode()) > 200:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = name.encode()[:180].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def _plain(node: Any) -> Any:
@@ -77,22 +89,57 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(m.n_iter, int) or isinstance(m.n_iter, bool) or m.n_iter <= 0:
         raise ConfigError(f"method.n_iter={m.n_iter!r} must be a positive integer",
                           "set method.n_iter=200 (GD iterations / L-BFGS maxiter)")
-    for name, (start, end) in _plain(cfg.optimizer.get("schedule") or {}).items():
-        if name == "lr" and (start < 0 or end < 0):
-            raise ConfigError(f"optimizer.schedule.lr=[{start}, {end}] is negative",
+    for name, value in (_plain(cfg.optimizer.get("schedule")) or {}).items():
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"optimizer.schedule.{name}={value} must be [start, end]",
+                              f"write optimizer.schedule.{name}=[2.0,1e-10] (a constant: [v,v])")
+        if name == "lr" and min(value) < 0:
+            raise ConfigError(f"optimizer.schedule.lr={value} is negative",
                               "use a non-negative learning rate")
     if m.param == "code" and cfg.get("generator") is None:
         raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
                           "add generator=relu7")
-    if cfg.data.kind not in DATA_KINDS:
-        raise ConfigError(f"data.kind={cfg.data.kind!r} is not valid", f"use one of {DATA_KINDS}")
-    std = cfg.data.get("std_correction", "none")
+    if m.param == "code" and cfg.generator.get("require_act_range") and \
+            cfg.generator.get("act_range") in (None, "???"):
+        raise ConfigError("generator.act_range is required by this preset (paper bounds)",
+                          "set generator.act_range=/path/to/act_range_3x.txt")
+    d = cfg.data
+    if d.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind={d.kind!r} is not valid", f"use one of {DATA_KINDS}")
+    if d.kind == "demo":
+        if demo_source(d) not in DEMO_SOURCES:
+            raise ConfigError(f"data.source={d.source!r} is not valid",
+                              f"use one of {DEMO_SOURCES}")
+        if demo_source(d) == "decoded" and str(cfg.subject) not in ("1", "2", "3") and \
+                cfg.subject not in (1, 2, 3):
+            from icnn_pl.data.demo import NOISE_LEVELS
+
+            raise ConfigError(f"subject={cfg.subject}: the demo has no such subject",
+                              f"use subject=1, 2 or 3 ({', '.join(NOISE_LEVELS)})")
+    for key in ("limit", "batch_size", "num_shards"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            hint = f"set data.{key}=1 or more" + (" (or null)" if key == "limit" else "")
+            raise ConfigError(f"data.{key}={v!r} must be a positive integer", hint)
+    shard, shards = d.get("shard", 0), d.get("num_shards", 1)
+    if not isinstance(shard, int) or not 0 <= shard < shards:
+        raise ConfigError(f"data.shard={shard!r} is not in 0..{shards - 1}",
+                          "use 0 <= data.shard < data.num_shards")
+    std = d.get("std_correction", "none")
     if std not in STD_MODES:
         raise ConfigError(f"data.std_correction={std!r} is not valid", f"use one of {STD_MODES}")
-    if cfg.data.kind != "demo":
-        _path(_require(cfg, "data.root", f"set data.root=<path> for data={cfg.data.name}"),
+    if std == "centered" and d.get("train_mean") is None:
+        raise ConfigError("data.std_correction=centered needs the training mean of each layer",
+                          "set data.train_mean=<.mat file> or use data.std_correction=paper")
+    lg = cfg.logger
+    if lg.kind == "wandb" and lg.get("mode", "offline") not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={lg.mode!r} is not a W&B mode",
+                          "use offline (default), online or disabled")
+    if d.kind != "demo":
+        _path(_require(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
               "data.root")
-    if cfg.data.kind in ("decoded", "decoded_caffe") and std != "none":
+    if d.kind in ("decoded", "decoded_caffe") and std != "none":
         _require(cfg, "data.std_ref", f"data.std_correction={std} needs reference stds: set"
                  " data.std_ref=<estimated_vgg19_cnn_feat_std.mat> or data.std_correction=none")
     # Files named in the config must exist before the (slow) networks are built.
@@ -105,6 +152,16 @@ def check_config(cfg: DictConfig) -> None:
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
                           "pick a layers option (layers=all, conv, conv1-3, ...)")
+    known = ARCHITECTURES[cfg.network.arch].layers if cfg.network.arch in ARCHITECTURES else {}
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        raise ConfigError(f"layers.names: {unknown} not in network {cfg.network.arch}",
+                          f"use layers of {cfg.network.arch}: {', '.join(known)}")
+
+
+def demo_source(d: DictConfig) -> str:
+    """``data.source`` of the demo; a bare ``true`` on the command line is a YAML bool."""
+    return "true_features" if d.get("source") is True else str(d.get("source"))
 
 
 def build_steps(steps: Mapping[str, Any] | None) -> GDSteps | None:
@@ -179,7 +236,7 @@ def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
     std = {"std_correction": d.get("std_correction", "none"), "ref_std": None,
            "train_mean": None}
     if d.get("std_ref") not in (None, "???") or std["std_correction"] != "none":
-        if d.kind != "true" and d.get("std_ref") not in (None, "???"):
+        if d.kind != "true_features" and d.get("std_ref") not in (None, "???"):
             std["ref_std"] = load_reference_std(_path(d.std_ref, "data.std_ref"), layers)
         if d.get("train_mean") is not None:
             from icnn_pl.data.matio import load_mat_dict
@@ -190,26 +247,26 @@ def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
     if d.kind == "demo":
         sub = subject_id(cfg.subject, "bdpy")
         demo = Demo(d.root, encoder, network_id)
-        wanted = _plain(d.get("labels")) or list(_demo_labels(d))
-        demo.ensure(wanted, subject=sub if d.source == "decoded" else None)
+        source_kind = demo_source(d)
+        wanted = select_labels(STIMULI, _plain(d.get("labels")), d.get("limit"))
+        demo.ensure(wanted, subject=sub if source_kind == "decoded" else None)
         stimuli = ImageFolder(demo.stimuli_dir, encoder.input_size)
-        if d.source == "decoded":
+        if source_kind == "decoded":
             source = DecodedFeatures(demo.decoded_dir, sub, cfg.roi, layers)
             if std["ref_std"] is None and std["std_correction"] != "none":
                 std["ref_std"] = load_reference_std(demo.std_file, layers)
-        elif d.source == "true":
-            source, std["std_correction"], sub = TrueFeatures(demo.true_dir, layers), "none", "true"
         else:
-            raise ConfigError(f"data.source={d.source!r} is not valid", "use decoded or true")
+            source, sub = TrueFeatures(demo.true_dir, layers), TRUE_FEATURES
+            std["std_correction"] = "none"
         return ReconDataModule(source, shapes, stimuli=stimuli, **std, **common), sub
 
     root = _path(_require(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
                  "data.root")
-    if d.kind == "true":
+    if d.kind == "true_features":
         images = ImageFolder(root, encoder.input_size)
         source = ImageFeatures(images, encoder, layers)
         std["std_correction"] = "none"
-        return ReconDataModule(source, shapes, stimuli=images, **std, **common), "true"
+        return ReconDataModule(source, shapes, stimuli=images, **std, **common), TRUE_FEATURES
     stimuli = (ImageFolder(_path(d.stimuli, "data.stimuli"), encoder.input_size)
                if d.get("stimuli") else None)
     if d.kind == "decoded":
@@ -220,13 +277,6 @@ def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
         source = CaffeDecodedFeatures(root, sub, cfg.roi, layers,
                                       feature_type=d.feature_type, net=d.net)
     return ReconDataModule(source, shapes, stimuli=stimuli, **std, **common), sub
-
-
-def _demo_labels(d: DictConfig) -> Sequence[str]:
-    from icnn_pl.data.demo import STIMULI
-
-    limit = d.get("limit")
-    return STIMULI if limit is None else STIMULI[: int(limit)]
 
 
 def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> Job:

@@ -48,6 +48,8 @@ def make_trainer(
 ) -> pl.Trainer:
     """A Trainer with nothing a single reconstruction does not need."""
     kwargs = {} if precision is None else {"precision": precision}
+    # None would make Lightning add its default TensorBoard logger in ./lightning_logs.
+    logger = False if logger is None else logger
     return pl.Trainer(
         max_steps=n_steps,
         max_epochs=1,

@@ -121,7 +121,7 @@ class Demo:
     def _true_features(self, label: str, save: bool = True) -> dict[str, np.ndarray]:
         paths = {n: self.true_dir / n / f"{label}.mat" for n in self.layers}
         if all(p.exists() for p in paths.values()):
-            return {n: load_mat(p) for n, p in paths.items()}
+            return {n: load_mat(p)[0] for n, p in paths.items()}  # files hold (1, ...)
         image = to_caffe(self._stimulus(label), self.encoder.mean_bgr).to(self.encoder.device)
         self.encoder.set_layers(self.layers)
         with torch.no_grad():
