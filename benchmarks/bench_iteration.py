@@ -7,7 +7,8 @@ For each GD method (icnn_gd, icnn_dgn_gd) on VGG19 at 224x224 with all 19 layers
   the generator for DGN), with the l2 objective; no optimiser, logging or Lightning;
 - ours: ``icnn_pl.icnn_gd.reconstruct_image`` / ``icnn_dgn_gd`` (LightningModule + lean
   Trainer, default options), per-iteration time including Trainer set-up;
-- bdpy: ``bdpy.recon.torch.icnn.reconstruct`` with the same network, targets and options.
+- bdpy: ``bdpy.recon.torch.icnn.reconstruct`` with the same network, targets and options
+  (snapshots off), and with its default snapshot/print settings ("bdpy_defaults").
 Measurements are interleaved (floor, ours, bdpy, floor, ...) and the median is reported.
 Random weights are used (the cost does not depend on the weight values).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import statistics
 import sys
@@ -76,18 +78,26 @@ def ours(encoder, feats, iters, generator=None):
     return (time.perf_counter() - t0) / iters
 
 
-def bdpy_peer(encoder, feats, iters, generator=None):
+def bdpy_peer(encoder, feats, iters, generator=None, snapshots: bool = False):
+    """bdpy with snapshots off (the same work as ours), or with its defaults (a TIFF
+    snapshot and a printed line every iteration)."""
     from bdpy.recon.torch.icnn import reconstruct
 
     mapping = {n: VGG19_LAYERS[n].replace("features.", "features[").replace(
         "classifier.", "classifier[") + "]" for n in feats}
+    feats = {n: f[None] for n, f in feats.items()}  # bdpy wants the batch axis
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         kwargs = dict(encoder=encoder.net, layer_mapping=mapping, n_iter=iters,
-                      save_snapshot=False, output_dir=tmp, disp_interval=10**9,
-                      return_loss=True)
+                      save_snapshot=snapshots, output_dir=tmp, snapshot_dir=f"{tmp}/snap",
+                      disp_interval=1 if snapshots else 10**9, return_loss=True)
+        # As bdpy's users run it: RGB HWC images outside, Caffe space inside.
+        mean = np.asarray(encoder.mean_bgr, dtype=np.float32).reshape(3, 1, 1)
+        kwargs["postproc"] = lambda x: (x + mean)[::-1].transpose(1, 2, 0).copy()
         t0 = time.perf_counter()
         if generator is None:
-            reconstruct(feats, blurring=True, **kwargs)
+            rgb = np.random.default_rng(1).integers(0, 256, (224, 224, 3)).astype(np.float32)
+            reconstruct(feats, blurring=True, initial_image=rgb,
+                        preproc=lambda x: x.transpose(2, 0, 1)[::-1].copy() - mean, **kwargs)
         else:
             reconstruct(feats, generator=generator, decay=(0.01, 0.01),
                         feature_lower_bound=0.0, feature_upper_bound=100.0,
@@ -112,6 +122,7 @@ def main(argv=None) -> None:
     candidates = {"floor": floor, "icnn-pl": ours}
     if not args.no_bdpy:
         candidates["bdpy"] = bdpy_peer
+        candidates["bdpy_defaults"] = functools.partial(bdpy_peer, snapshots=True)
     rows = []
     for method, gen in (("icnn_gd", None), ("icnn_dgn_gd", generator)):
         times = {k: [] for k in candidates}
@@ -123,6 +134,7 @@ def main(argv=None) -> None:
                "ours_over_floor": round(med["icnn-pl"] / med["floor"], 3)}
         if "bdpy" in med:
             row["bdpy_over_ours"] = round(med["bdpy"] / med["icnn-pl"], 3)
+            row["bdpy_defaults_over_ours"] = round(med["bdpy_defaults"] / med["icnn-pl"], 3)
         rows.append(row)
         print(row, flush=True)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -26,7 +26,6 @@ from engine_helpers import (
     tiny_encoder,
     tiny_net,
     tiny_targets,
-    torch_threads,
 )
 from torch import nn
 
@@ -38,15 +37,6 @@ from icnn_pl.nets import FeatureEncoder
 from icnn_pl.objective import LOSSES, layer_weights, make_mask
 from icnn_pl.optim import GDSteps, Linear
 from icnn_pl.runner import fit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_nets(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
-        with torch_threads(1):
-            yield
 
 
 def _first_loss(targets, weights, masks=None, init=None, loss=None):

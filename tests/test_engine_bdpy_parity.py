@@ -22,7 +22,6 @@ from engine_helpers import (
     rgb_to_caffe,
     tiny_named_net,
     tiny_targets,
-    torch_threads,
 )
 
 from icnn_pl import icnn_dgn_gd, icnn_gd
@@ -32,15 +31,6 @@ bdpy_icnn = pytest.importorskip("bdpy.recon.torch.icnn")
 
 N_ITER = 8
 NAMED_MAPPING = {n: n for n in LAYERS}  # bdpy eval()s "encoder.<path>": needs identifiers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_nets(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
-        with torch_threads(1):
-            yield
 
 
 def _bdpy_features(targets):

@@ -24,7 +24,6 @@ from engine_helpers import (
     tiny_encoder,
     tiny_net,
     tiny_targets,
-    torch_threads,
 )
 from scipy.ndimage import gaussian_filter
 
@@ -43,15 +42,6 @@ from icnn_pl.optim import (
     tv_norm_grad,
 )
 from icnn_pl.params import PixelImage
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_nets(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
-        with torch_threads(1):
-            yield
 
 
 # --------------------------------------------------------------------------- reference loops

@@ -22,7 +22,6 @@ from engine_helpers import (
     tiny_encoder,
     tiny_net,
     tiny_targets,
-    torch_threads,
 )
 
 from icnn_pl import icnn_dgn_lbfgs, icnn_lbfgs
@@ -30,15 +29,6 @@ from icnn_pl.build import build_reconstruction
 from icnn_pl.errors import ConfigError
 from icnn_pl.optim import ScipyLBFGSB
 from icnn_pl.runner import fit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_nets(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
-        with torch_threads(1):
-            yield
 
 ACT_RANGE = "/work/shared/reference/act_range_3x_fc7.txt"
 

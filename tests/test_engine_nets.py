@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import torch_threads
 from torch import nn
 
 from icnn_pl.errors import ConfigError, WeightsError
@@ -58,15 +57,6 @@ GEN_ALIASES = {"defc.0": "defc7", "defc.2": "defc6", "defc.4": "defc5"} | {
         ["deconv5", "conv5_1", "deconv4", "conv4_1", "deconv3", "conv3_1", "deconv2",
          "deconv1", "deconv0"])
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_nets(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
-        with torch_threads(1):
-            yield
 
 
 def _meta(make):
