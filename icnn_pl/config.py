@@ -153,6 +153,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
                           "pick a layers option (layers=all, conv, conv1-3, ...)")
     known = ARCHITECTURES[cfg.network.arch].layers if cfg.network.arch in ARCHITECTURES else {}
+    ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
+    if ident is not None and known and ident not in known:
+        raise ConfigError(f"evaluation.ident_layer={ident!r} is not a layer of"
+                          f" {cfg.network.arch}", f"use one of: {', '.join(known)} (or null)")
     unknown = [n for n in names if known and n not in known]
     if unknown:
         raise ConfigError(f"layers.names: {unknown} not in network {cfg.network.arch}",
@@ -304,6 +308,8 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
                seed=int(cfg.seed), progress=bool(cfg.progress),
                snapshot_every=int(cfg.get("snapshot_every") or 0),
+               feature_fit=bool(OmegaConf.select(cfg, "evaluation.feature_fit", default=True)),
+               ident_layer=OmegaConf.select(cfg, "evaluation.ident_layer", default=None),
                info={"layers": cfg.layers.name, "network": cfg.network.name,
                      "network_weights": cfg.network.weights, "data": cfg.data.name,
                      "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),

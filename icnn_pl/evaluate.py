@@ -57,7 +57,9 @@ __all__ = [
 RUN_INFO = "run_info.json"
 #: Per-image metric columns of :func:`icnn_pl.metrics.score_images`, plus the final loss.
 METRICS = ("pixel_corr", "ident_corr", "ident_euclid", "ssim", "rmse")
-SUMMARY_KEYS = (*METRICS, "final_loss")
+#: Feature-space fit columns a job adds (icnn_pl.feature_fit), summarised when present.
+FEATURE_KEYS = ("feat_corr_target", "feat_corr_true", "ident_feat")
+SUMMARY_KEYS = (*METRICS, *FEATURE_KEYS, "final_loss")
 SCORING_MODES = ("display", "raw")
 #: The line printed under the comparison table, per scoring mode.
 SCORED_ON_NOTE = {

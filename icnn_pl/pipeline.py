@@ -29,6 +29,11 @@ from icnn_pl.build import build_reconstruction
 from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
 from icnn_pl.errors import DataError, IcnnError
 from icnn_pl.evaluate import summarize, write_job_metrics
+from icnn_pl.feature_fit import (
+    identification_by_features,
+    image_feature_fit,
+    summarize_fit,
+)
 from icnn_pl.gallery import loss_curves_image, make_gallery, save_png
 from icnn_pl.image import display_image, from_caffe
 from icnn_pl.metrics import score_images
@@ -58,6 +63,8 @@ class Job:
     progress: bool = True
     snapshot_every: int = 0  # save a display image every K iterations (0: off)
     info: dict[str, Any] = field(default_factory=dict)  # settings recorded in run_info.json
+    feature_fit: bool = True  # score features of the results against targets / true images
+    ident_layer: str | None = "fc7"  # layer for identification by features (if computed)
 
 
 @dataclass
@@ -185,6 +192,8 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
     if trues and len(trues) == len(labels):
         for score in score_images(recons, trues, on="display"):
             rows[score["label"]].update({k: v for k, v in score.items() if k != "label"})
+    if job.feature_fit:
+        _feature_fit(job, labels, recons, rows)
     summary = _summary(table)
     write_table(out.run_dir / "results.csv", table)
     write_table(out.run_dir / "results.json", table)
@@ -204,6 +213,24 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
     _print_summary(job, table, summary, failures)
     objective = summary.get("pixel_corr", summary.get("final_loss", float("nan")))
     return JobSummary(table, failures, done, summary, float(objective))
+
+
+def _feature_fit(job: Job, labels: list[str], recons: Mapping[str, np.ndarray],
+                 rows: dict[str, dict[str, Any]]) -> None:
+    """Feature correlation of each reconstruction with its targets and true image, per
+    layer (``feature_fit.csv``) and averaged (results columns), and identification by the
+    features of ``job.ident_layer``. One image at a time: targets can be ~60 MB each."""
+    dm, per_layer, ident = job.datamodule, [], {}
+    for lab in labels:
+        batch = dm.load([lab])
+        targets = {n: t[0].numpy() for n, t in batch.targets.items()}
+        layer_rows, ident[lab] = image_feature_fit(
+            job.encoder, recons[lab], targets, batch.true_images[0], job.ident_layer)
+        per_layer += [{"label": lab, **r} for r in layer_rows]
+        rows[lab].update(summarize_fit(layer_rows))
+    for lab, acc in identification_by_features(ident).items():
+        rows[lab]["ident_feat"] = acc
+    write_table(job.outputs.run_dir / "feature_fit.csv", per_layer)
 
 
 def _summary(table: list[dict[str, Any]]) -> dict[str, float]:
@@ -236,7 +263,8 @@ def _figures(run_dir: Path, labels: list[str], recons: Mapping[str, np.ndarray],
 def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, float],
                    failures: Mapping[str, str]) -> None:
     cols = [("label", "{}"), ("final_loss", "{:.4g}"), ("pixel_corr", "{:.3f}"),
-            ("ident_corr", "{:.2f}"), ("ssim", "{:.3f}"), ("seconds", "{:.1f}")]
+            ("ident_corr", "{:.2f}"), ("ssim", "{:.3f}"), ("feat_corr_target", "{:.3f}"),
+            ("ident_feat", "{:.2f}"), ("seconds", "{:.1f}")]
     cols = [(k, f) for k, f in cols if any(k in r for r in table)]
     lines = ["  ".join(f"{k:>14}" for k, _ in cols)]
     for r in table:
