@@ -64,7 +64,7 @@ class Job:
     snapshot_every: int = 0  # save a display image every K iterations (0: off)
     info: dict[str, Any] = field(default_factory=dict)  # settings recorded in run_info.json
     feature_fit: bool = True  # score features of the results against targets / true images
-    ident_layer: str | None = "fc7"  # layer for identification by features (if computed)
+    ident_layer: str | None = None  # layer for identification by features (e.g. fc7)
 
 
 @dataclass
