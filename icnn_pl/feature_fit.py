@@ -67,3 +67,40 @@ def identification_by_features(ident: Mapping[str, Mapping[str, np.ndarray]]
     acc = feature_identification(np.stack([ident[lab]["recon"] for lab in labels]),
                                  np.stack([ident[lab]["true"] for lab in labels]))
     return dict(zip(labels, (float(a) for a in acc), strict=True))
+
+
+def to_mat_vars(rows: Sequence[Mapping[str, float | str]], ident: Mapping[str, np.ndarray]
+                ) -> dict[str, np.ndarray | str]:
+    """Feature fit of one image as variables of its ``recon_image-<label>.mat``, so a
+    resumed job has it without reading the targets again."""
+    out: dict[str, np.ndarray | str] = {
+        "feat_layers": ",".join(str(r["layer"]) for r in rows),
+        "feat_corr_target": np.array([r["corr_target"] for r in rows], dtype=np.float64),
+    }
+    if rows and "corr_true" in rows[0]:
+        out["feat_corr_true"] = np.array([r["corr_true"] for r in rows], dtype=np.float64)
+    if ident:
+        out["ident_feat_recon"] = ident["recon"]
+        out["ident_feat_true"] = ident["true"]
+    return out
+
+
+def from_mat_vars(data: Mapping[str, np.ndarray]
+                  ) -> tuple[list[dict[str, float | str]], dict[str, np.ndarray]] | None:
+    """The inverse of ``to_mat_vars`` (None when the file holds no feature fit)."""
+    if "feat_layers" not in data:
+        return None
+    layers = str(np.asarray(data["feat_layers"]).ravel()[0]).split(",")
+    target = np.ravel(data["feat_corr_target"])
+    true = np.ravel(data["feat_corr_true"]) if "feat_corr_true" in data else None
+    rows: list[dict[str, float | str]] = []
+    for i, n in enumerate(layers):
+        row: dict[str, float | str] = {"layer": n, "corr_target": float(target[i])}
+        if true is not None:
+            row["corr_true"] = float(true[i])
+        rows.append(row)
+    ident = {}
+    if "ident_feat_recon" in data:
+        ident = {"recon": np.ravel(data["ident_feat_recon"]),
+                 "true": np.ravel(data["ident_feat_true"])}
+    return rows, ident

@@ -30,9 +30,11 @@ from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
 from icnn_pl.errors import DataError, IcnnError
 from icnn_pl.evaluate import summarize, write_job_metrics
 from icnn_pl.feature_fit import (
+    from_mat_vars,
     identification_by_features,
     image_feature_fit,
     summarize_fit,
+    to_mat_vars,
 )
 from icnn_pl.gallery import loss_curves_image, make_gallery, save_png
 from icnn_pl.image import display_image, from_caffe
@@ -155,8 +157,13 @@ def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, A
             raise DataError(f"image {label}: the reconstruction diverged (NaN/inf pixels)",
                             "lower the learning rate or check the targets")
         code = None if result.codes is None else result.codes[i]
-        job.outputs.write(label, image, history, code,
-                          meta={"method": job.method, "subject": job.subject, "roi": job.roi})
+        true = batch.true_images[i]
+        meta = {"method": job.method, "subject": job.subject, "roi": job.roi}
+        if job.feature_fit:  # while the targets are at hand: a resumed job needs no re-read
+            targets = {n: t[i].numpy() for n, t in batch.targets.items()}
+            meta.update(to_mat_vars(*image_feature_fit(
+                job.encoder, image, targets, true, job.ident_layer)))
+        job.outputs.write(label, image, history, code, meta=meta)
         rows[label] = {
             "label": label, "method": job.method, "subject": job.subject, "roi": job.roi,
             "final_loss": float(history[-1]), "iterations": job.recipe["n_iter"],
@@ -164,7 +171,6 @@ def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, A
         }
         if module.runs_to_completion:
             loggers.log_curve(job.logger, label, history)
-        true = batch.true_images[i]
         loggers.log_image(job.logger, label, display_image(image),
                           None if true is None else true.astype(np.uint8), step + i)
         log.info("%s: final loss %.6g after %d evaluations, %.1f s",
@@ -176,9 +182,9 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
             done: list[str]) -> JobSummary:
     dm, out = job.datamodule, job.outputs
     labels = [lab for lab in dm.labels if lab not in failures]
-    recons, histories = {}, {}
+    recons, histories, mats = {}, {}, {}
     for lab in labels:
-        data = out.read(lab)
+        data = mats[lab] = out.read(lab)
         recons[lab] = data["recon_image"]
         histories[lab] = np.ravel(data["loss_history"])
         if lab not in rows:  # finished by an earlier run
@@ -192,8 +198,7 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
     if trues and len(trues) == len(labels):
         for score in score_images(recons, trues, on="display"):
             rows[score["label"]].update({k: v for k, v in score.items() if k != "label"})
-    if job.feature_fit:
-        _feature_fit(job, labels, recons, rows)
+    _feature_fit(job, labels, mats, rows)
     summary = _summary(table)
     write_table(out.run_dir / "results.csv", table)
     write_table(out.run_dir / "results.json", table)
@@ -215,22 +220,22 @@ def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
     return JobSummary(table, failures, done, summary, float(objective))
 
 
-def _feature_fit(job: Job, labels: list[str], recons: Mapping[str, np.ndarray],
+def _feature_fit(job: Job, labels: list[str], mats: Mapping[str, Mapping[str, Any]],
                  rows: dict[str, dict[str, Any]]) -> None:
-    """Feature correlation of each reconstruction with its targets and true image, per
-    layer (``feature_fit.csv``) and averaged (results columns), and identification by the
-    features of ``job.ident_layer``. One image at a time: targets can be ~60 MB each."""
-    dm, per_layer, ident = job.datamodule, [], {}
+    """Per-layer feature fit (``feature_fit.csv``), its means in the results, and
+    identification by ``job.ident_layer`` features, from what each image's file holds."""
+    per_layer, ident = [], {}
     for lab in labels:
-        batch = dm.load([lab])
-        targets = {n: t[0].numpy() for n, t in batch.targets.items()}
-        layer_rows, ident[lab] = image_feature_fit(
-            job.encoder, recons[lab], targets, batch.true_images[0], job.ident_layer)
+        fit = from_mat_vars(mats[lab])
+        if fit is None:  # finished before feature fit was on
+            continue
+        layer_rows, ident[lab] = fit
         per_layer += [{"label": lab, **r} for r in layer_rows]
         rows[lab].update(summarize_fit(layer_rows))
     for lab, acc in identification_by_features(ident).items():
         rows[lab]["ident_feat"] = acc
-    write_table(job.outputs.run_dir / "feature_fit.csv", per_layer)
+    if per_layer:
+        write_table(job.outputs.run_dir / "feature_fit.csv", per_layer)
 
 
 def _summary(table: list[dict[str, Any]]) -> dict[str, float]:
