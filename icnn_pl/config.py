@@ -113,10 +113,10 @@ def check_config(cfg: DictConfig) -> None:
                               f"use one of {DEMO_SOURCES}")
         if demo_source(d) == "decoded" and str(cfg.subject) not in ("1", "2", "3") and \
                 cfg.subject not in (1, 2, 3):
-            from icnn_pl.data.demo import NOISE_LEVELS
+            from icnn_pl.data.demo import CONFUSION
 
             raise ConfigError(f"subject={cfg.subject}: the demo has no such subject",
-                              f"use subject=1, 2 or 3 ({', '.join(NOISE_LEVELS)})")
+                              f"use subject=1, 2 or 3 ({', '.join(CONFUSION)})")
     for key in ("limit", "batch_size", "num_shards"):
         v = d.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

@@ -11,6 +11,7 @@ read small files share one interpreter (``run_many``): same code path as the CLI
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -276,7 +277,20 @@ def check_outputs(run_dir: Path, subject: str, labels, method: str, *, n_iter: i
             assert -1.0 <= r["pixel_corr"] <= 1.0
     for fig in ("gallery.png", "loss_curves.png"):
         assert distinct_values(run_dir / fig) > 2, fig
+    fit = read_csv(run_dir / "feature_fit.csv")  # per image and target layer
+    assert {r["label"] for r in fit} == set(labels)
+    assert all(-1.0 <= float(r["corr_target"]) <= 1.0 for r in fit)
+    if true_images:  # scores on display and raw images, with mean rows and 95% intervals
+        metrics = read_csv(run_dir / "metrics.csv")
+        assert {r["scored_on"] for r in metrics} == {"display", "raw"}
+        means = [r for r in metrics if r["label"] == "mean"]
+        assert len(means) == 2 and all(r["pixel_corr_ci95_low"] != "" for r in means)
     return mats
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def job_dirs(sweep: Path) -> dict[tuple[str, str], Path]:
