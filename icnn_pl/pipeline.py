@@ -278,6 +278,9 @@ def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, 
                            for k, f in cols))
     head = (f"{job.method} | {job.subject} | {job.roi}: {len(table)} images"
             f" ({len(failures)} failed) -> {job.outputs.run_dir}")
+    if any("pixel_corr" in r for r in table):
+        lines.append("pixel_corr / ident_corr / ssim: display images (2/98 percentile clip,"
+                     " min-max), as the lab scores; metrics.csv also has raw-image scores")
     print("\n" + head + "\n" + "\n".join(lines))
     for lab, why in failures.items():
         print(f"FAILED {lab}: {why}")
