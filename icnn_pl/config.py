@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from icnn_pl.data.datamodule import ReconDataModule, select_labels
-from icnn_pl.data.demo import STIMULI, Demo
+from icnn_pl.data.demo import CONFUSION, STIMULI, Demo
 from icnn_pl.data.images import ImageFeatures, ImageFolder
 from icnn_pl.data.readers import (
     CaffeDecodedFeatures,
@@ -73,9 +73,9 @@ def _require(cfg: DictConfig, key: str, hint: str) -> Any:
     return value
 
 
-def _path(value: Any, key: str, must_exist: bool = True) -> Path:
+def _path(value: Any, key: str) -> Path:
     path = Path(str(value)).expanduser()
-    if must_exist and not path.exists():
+    if not path.exists():
         raise ConfigError(f"{key}: no such file or directory: {path}",
                           f"set {key}=<existing path> (absolute, or relative to where you run)")
     return path
@@ -83,6 +83,12 @@ def _path(value: Any, key: str, must_exist: bool = True) -> Path:
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of config values, before anything is built."""
+    _check_method(cfg)
+    _check_data(cfg)
+    _check_files(cfg)
+
+
+def _check_method(cfg: DictConfig) -> None:
     m = cfg.method
     if m.param not in METHOD_PARAMS:
         raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
@@ -104,6 +110,26 @@ def check_config(cfg: DictConfig) -> None:
             cfg.generator.get("act_range") in (None, "???"):
         raise ConfigError("generator.act_range is required by this preset (paper bounds)",
                           "set generator.act_range=/path/to/act_range_3x.txt")
+    names = _plain(cfg.layers.names)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
+                          "pick a layers option (layers=all, conv, conv1-3, ...)")
+    known = ARCHITECTURES[cfg.network.arch].layers if cfg.network.arch in ARCHITECTURES else {}
+    ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
+    if ident is not None and known and ident not in known:
+        raise ConfigError(f"evaluation.ident_layer={ident!r} is not a layer of"
+                          f" {cfg.network.arch}", f"use one of: {', '.join(known)} (or null)")
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        raise ConfigError(f"layers.names: {unknown} not in network {cfg.network.arch}",
+                          f"use layers of {cfg.network.arch}: {', '.join(known)}")
+    lg = cfg.logger
+    if lg.kind == "wandb" and lg.get("mode", "offline") not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={lg.mode!r} is not a W&B mode",
+                          "use offline (default), online or disabled")
+
+
+def _check_data(cfg: DictConfig) -> None:
     d = cfg.data
     if d.kind not in DATA_KINDS:
         raise ConfigError(f"data.kind={d.kind!r} is not valid", f"use one of {DATA_KINDS}")
@@ -111,10 +137,7 @@ def check_config(cfg: DictConfig) -> None:
         if demo_source(d) not in DEMO_SOURCES:
             raise ConfigError(f"data.source={d.source!r} is not valid",
                               f"use one of {DEMO_SOURCES}")
-        if demo_source(d) == "decoded" and str(cfg.subject) not in ("1", "2", "3") and \
-                cfg.subject not in (1, 2, 3):
-            from icnn_pl.data.demo import CONFUSION
-
+        if demo_source(d) == "decoded" and subject_id(cfg.subject, "bdpy") not in CONFUSION:
             raise ConfigError(f"subject={cfg.subject}: the demo has no such subject",
                               f"use subject=1, 2 or 3 ({', '.join(CONFUSION)})")
     for key in ("limit", "batch_size", "num_shards"):
@@ -132,35 +155,21 @@ def check_config(cfg: DictConfig) -> None:
     if std == "centered" and d.get("train_mean") is None:
         raise ConfigError("data.std_correction=centered needs the training mean of each layer",
                           "set data.train_mean=<.mat file> or use data.std_correction=paper")
-    lg = cfg.logger
-    if lg.kind == "wandb" and lg.get("mode", "offline") not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.mode={lg.mode!r} is not a W&B mode",
-                          "use offline (default), online or disabled")
     if d.kind != "demo":
         _path(_require(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
               "data.root")
     if d.kind in ("decoded", "decoded_caffe") and std != "none":
         _require(cfg, "data.std_ref", f"data.std_correction={std} needs reference stds: set"
                  " data.std_ref=<estimated_vgg19_cnn_feat_std.mat> or data.std_correction=none")
-    # Files named in the config must exist before the (slow) networks are built.
+
+
+def _check_files(cfg: DictConfig) -> None:
+    """Files named in the config must exist before the (slow) networks are built."""
     for key in ("network.weights", "generator.weights", "generator.act_range", "data.std_ref",
                 "data.train_mean", "data.stimuli"):
         value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
         if value not in (None, "???"):
             _path(value, key)
-    names = _plain(cfg.layers.names)
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
-                          "pick a layers option (layers=all, conv, conv1-3, ...)")
-    known = ARCHITECTURES[cfg.network.arch].layers if cfg.network.arch in ARCHITECTURES else {}
-    ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
-    if ident is not None and known and ident not in known:
-        raise ConfigError(f"evaluation.ident_layer={ident!r} is not a layer of"
-                          f" {cfg.network.arch}", f"use one of: {', '.join(known)} (or null)")
-    unknown = [n for n in names if known and n not in known]
-    if unknown:
-        raise ConfigError(f"layers.names: {unknown} not in network {cfg.network.arch}",
-                          f"use layers of {cfg.network.arch}: {', '.join(known)}")
 
 
 def demo_source(d: DictConfig) -> str:
