@@ -152,6 +152,11 @@ def _check_data(cfg: DictConfig) -> None:
     std = d.get("std_correction", "none")
     if std not in STD_MODES:
         raise ConfigError(f"data.std_correction={std!r} is not valid", f"use one of {STD_MODES}")
+    target = str(OmegaConf.select(cfg, "optimizer.factory._target_", default=""))
+    if target.endswith("ScipyLBFGSB") and (d.get("batch_size") or 1) > 1:
+        raise ConfigError(f"data.batch_size={d.batch_size} with L-BFGS: the images would share"
+                          " one line search", "L-BFGS methods reconstruct one image per"
+                          " problem: set data.batch_size=1")
     if std == "centered" and d.get("train_mean") is None:
         raise ConfigError("data.std_correction=centered needs the training mean of each layer",
                           "set data.train_mean=<.mat file> or use data.std_correction=paper")

@@ -432,3 +432,10 @@ def test_run_dir_name_fits_file_system():
         name = cfg.hydra.run.dir.removeprefix("outputs/")
         sub = cfg.hydra.sweep.subdir
     assert len(name.encode()) <= 255 and len(sub.encode()) <= 255
+
+
+def test_lbfgs_with_batches_fails_early():
+    cfg = make("method=icnn_lbfgs", "data.batch_size=2")
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        config_mod.check_config(cfg)
+    config_mod.check_config(make("method=icnn_gd", "data.batch_size=2"))
