@@ -72,5 +72,12 @@ def fit(module: Reconstruction, trainer: pl.Trainer | None = None, **trainer_kwa
     trainer = trainer or make_trainer(module.n_steps, **trainer_kwargs)
     # The loader only counts iterations; targets already live in the module's buffers.
     steps = DataLoader(range(module.n_steps), batch_size=None)
-    trainer.fit(module, train_dataloaders=steps)
+    try:
+        trainer.fit(module, train_dataloaders=steps)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up; give callers the
+        # interrupt back so they can keep finished work and say how to resume.
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     return module.result()
