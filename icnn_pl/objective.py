@@ -178,9 +178,6 @@ class Objective(nn.Module):
             mask = masks.get(name)
             self.register_buffer(f"mask_{i}", None if mask is None else mask.float())
 
-    def target(self, name: str) -> Tensor:
-        return getattr(self, f"target_{self.layers.index(name)}")
-
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         """Loss per image (B,) for ``features`` (name -> (B, ...))."""
         total = None
