@@ -69,8 +69,5 @@ def reconstruct(
     if not features:
         raise DataError("no target features given", "pass a dict of layer name -> features")
     targets = stack_targets([features], expected_shapes(encoder, list(features)))
-    generator = build_kwargs.get("generator")
-    if generator is not None:
-        generator.to(encoder.device)
     module = build_reconstruction(targets, encoder, **build_kwargs)
     return fit(module, logger=logger, **device_trainer_args(encoder.device))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from icnn_pl.data.datamodule import ReconDataModule, select_labels
 from icnn_pl.data.demo import CONFUSION, STIMULI, Demo
 from icnn_pl.data.images import ImageFeatures, ImageFolder
+from icnn_pl.data.matio import load_mat_dict
 from icnn_pl.data.readers import (
     CaffeDecodedFeatures,
     DecodedFeatures,
@@ -29,7 +30,7 @@ from icnn_pl.data.readers import (
     subject_id,
 )
 from icnn_pl.errors import ConfigError
-from icnn_pl.loggers import make_logger
+from icnn_pl.loggers import WANDB_MODES, make_logger
 from icnn_pl.nets import ARCHITECTURES, build_encoder, build_generator
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.optim import Clipping, GDSteps, Regularizer, linear
@@ -124,7 +125,7 @@ def _check_method(cfg: DictConfig) -> None:
         raise ConfigError(f"layers.names: {unknown} not in network {cfg.network.arch}",
                           f"use layers of {cfg.network.arch}: {', '.join(known)}")
     lg = cfg.logger
-    if lg.kind == "wandb" and lg.get("mode", "offline") not in ("offline", "online", "disabled"):
+    if lg.kind == "wandb" and lg.get("mode", "offline") not in WANDB_MODES:
         raise ConfigError(f"logger.mode={lg.mode!r} is not a W&B mode",
                           "use offline (default), online or disabled")
 
@@ -230,7 +231,7 @@ def build_recipe(cfg: DictConfig, encoder: FeatureEncoder) -> dict[str, Any]:
     if m.param == "code":
         g = cfg.generator
         weights = None if g.weights is None else _path(g.weights, "generator.weights")
-        generator = build_generator(g.arch, weights, seed=cfg.seed).to(encoder.device)
+        generator = build_generator(g.arch, weights, seed=cfg.seed)
         dim = int(getattr(generator, "input_size", 4096))
         upper = (load_act_range(_path(g.act_range, "generator.act_range"), expected_len=dim)
                  if g.act_range is not None else float(g.upper))
@@ -253,14 +254,11 @@ def build_datamodule(cfg: DictConfig, encoder: FeatureEncoder, network_id: str
     }
     std = {"std_correction": d.get("std_correction", "none"), "ref_std": None,
            "train_mean": None}
-    if d.get("std_ref") not in (None, "???") or std["std_correction"] != "none":
-        if d.kind != "true_features" and d.get("std_ref") not in (None, "???"):
-            std["ref_std"] = load_reference_std(_path(d.std_ref, "data.std_ref"), layers)
-        if d.get("train_mean") is not None:
-            from icnn_pl.data.matio import load_mat_dict
-
-            means = load_mat_dict(_path(d.train_mean, "data.train_mean"))
-            std["train_mean"] = {n: np.asarray(means[n]) for n in layers if n in means}
+    if d.get("std_ref") not in (None, "???"):
+        std["ref_std"] = load_reference_std(_path(d.std_ref, "data.std_ref"), layers)
+    if d.get("train_mean") is not None:
+        means = load_mat_dict(_path(d.train_mean, "data.train_mean"))
+        std["train_mean"] = {n: np.asarray(means[n]) for n in layers if n in means}
 
     if d.kind == "demo":
         sub = subject_id(cfg.subject, "bdpy")

@@ -20,6 +20,7 @@ from icnn_pl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 def make_logger(
@@ -36,7 +37,7 @@ def make_logger(
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir, name="tensorboard", version="")
     if kind == "wandb":
-        if mode not in ("offline", "online", "disabled"):
+        if mode not in WANDB_MODES:
             raise ConfigError(f"logger.mode={mode!r} is not a W&B mode",
                               "use offline (default), online or disabled")
         save_dir.mkdir(parents=True, exist_ok=True)
