@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from icnn_pl.data.matio import load_mat_dict, save_mat
 from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.image import display_image
+
+log = logging.getLogger(__name__)
+
+
+def check_writable_dir(folder: str | Path, key: str = "hydra.run.dir") -> None:
+    """Create ``folder`` if needed and write a probe file there: a read-only or impossible
+    output directory fails now, with the setting to change, not after the first image."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output directory {folder}: {exc.strerror or exc}",
+            f"choose a writable directory: {key}=<path> (the default is outputs/ under the"
+            " directory you run from)") from exc
 
 
 def recon_mat_path(outputs_dir: Path, label: str) -> Path:
@@ -36,14 +55,11 @@ class ReconOutputs:
     def __init__(self, run_dir: str | Path, subject: str, roi: str) -> None:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / subject / roi
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"cannot write to the output directory {self.dir}: {exc}",
-                              "choose a writable hydra.run.dir") from exc
+        check_writable_dir(self.dir)
+        # leftovers of a job killed mid-write (kill -9, power loss): never read, but not kept
+        stale = remove_stale_temps(self.run_dir) + remove_stale_temps(self.dir, recursive=True)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted job", len(stale))
 
     def mat_path(self, label: str) -> Path:
         return recon_mat_path(self.dir, label)
