@@ -130,14 +130,41 @@ class ReconDataModule(pl.LightningDataModule):
         self._selection = (labels, limit, num_shards, shard)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        self.labels: list[str] = []
+        self.labels: list[str] = []  # this shard's images
+        self.job_labels: list[str] = []  # every shard's: the job's tables cover them
 
     def setup(self, stage: str | None = None) -> None:
         """List and select the labels; fails fast on missing layers/subjects/labels."""
-        self.labels = select_labels(self.source.labels(), *self._selection)
+        available = self.source.labels()
+        self.job_labels = select_labels(available, *self._selection[:2])
+        self.labels = select_labels(available, *self._selection)
         if not self.labels:
             raise DataError("no images to reconstruct after label selection",
                             "check data.labels / data.limit / data.shard")
+
+    def check(self, labels: Sequence[str]) -> dict[str, DataError]:
+        """Feature-file problems of ``labels`` found from the files' headers alone (no
+        array is read): unreadable file, no ``feat``, a shape the network's layer does not
+        produce. Label -> the first problem. Sources without files (features computed
+        from images) have nothing to check here."""
+        shape_of = getattr(self.source, "shape", None)
+        if shape_of is None:
+            return {}
+        layers = [n for n in self.shapes if n in getattr(self.source, "layers", self.shapes)]
+        problems: dict[str, DataError] = {}
+        for lab in labels:
+            try:
+                for layer in layers:
+                    got, path = shape_of(lab, layer)
+                    if got != self.shapes[layer]:
+                        raise DataError(
+                            f"image {lab}, layer {layer}: {path} holds features of shape"
+                            f" {got}; the network's {layer} output is {self.shapes[layer]}",
+                            "use features computed with the same network and input size"
+                            " (network.input_size), or check the layer names")
+            except DataError as exc:
+                problems[lab] = exc
+        return problems
 
     def load(self, labels: Sequence[str]) -> TargetBatch:
         """Read, std-correct, validate and stack the features of ``labels``."""

@@ -110,16 +110,7 @@ def load_mat(path: str | os.PathLike, key: str = "feat") -> np.ndarray:
     _check_exists(path)
     found, names = _read_all(path, key)
     if key not in found:
-        if key in names:
-            raise DataError(
-                f"variable '{key}' in {path} is a struct or cell, not a numeric array",
-                fix=f"save '{key}' as a plain numeric array",
-            )
-        present = ", ".join(names) if names else "none"
-        raise DataError(
-            f"variable '{key}' not found in {path} (variables present: {present})",
-            fix=f"save the array under the MATLAB variable name '{key}'",
-        )
+        raise _missing_var(path, key, names)
     arr = np.asarray(found[key])
     if arr.dtype.kind not in "biuf":
         raise DataError(
@@ -127,6 +118,49 @@ def load_mat(path: str | os.PathLike, key: str = "feat") -> np.ndarray:
             fix=f"save '{key}' as a real float array",
         )
     return np.array(arr, dtype=np.float32, order="C", copy=True)
+
+
+def _missing_var(path: Path, key: str, names: list[str]) -> DataError:
+    if key in names:
+        return DataError(
+            f"variable '{key}' in {path} is a struct or cell, not a numeric array",
+            fix=f"save '{key}' as a plain numeric array",
+        )
+    present = ", ".join(names) if names else "none"
+    return DataError(
+        f"variable '{key}' not found in {path} (variables present: {present})",
+        fix=f"save the array under the MATLAB variable name '{key}'",
+    )
+
+
+def mat_shape(path: str | os.PathLike, key: str = "feat") -> tuple[int, ...]:
+    """Shape of variable ``key`` (as ``load_mat`` would return it), from the file's headers.
+
+    Cheap (no array data is read, except the variable's compressed block in v5 files
+    saved with compression): lets a job check every image's files before any long work.
+    """
+    path = Path(path)
+    _check_exists(path)
+    try:
+        if _is_hdf5(path):
+            matlab_order = _has_matlab_header(path)
+            with h5py.File(path, "r") as fh:
+                names = _hdf5_names(fh)
+                node = fh[key] if key in names else None
+                if isinstance(node, h5py.Dataset) and node.dtype.kind != "O":
+                    shape = tuple(int(d) for d in node.shape)
+                    if node.attrs.get("MATLAB_empty", 0):
+                        return (0,)
+                    return shape[::-1] if matlab_order or "MATLAB_class" in node.attrs else shape
+        else:
+            entries = scipy.io.whosmat(os.fspath(path))
+            names = sorted(name for name, _, _ in entries)
+            for name, shape, cls in entries:
+                if name == key and cls not in ("struct", "cell"):
+                    return tuple(int(d) for d in shape)
+    except Exception as exc:  # any reader failure means a bad file, whatever the class
+        raise _read_failed(path, exc) from exc
+    raise _missing_var(path, key, names)
 
 
 def load_mat_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icnn_pl.data.matio import load_mat, load_mat_dict
+from icnn_pl.data.matio import load_mat, load_mat_dict, mat_shape
 from icnn_pl.errors import ConfigError, DataError
 
 _SUBJECT_RE = re.compile(r"^(?:sub-?|s)?0*(\d+)$", re.IGNORECASE)
@@ -107,20 +107,26 @@ def _check_layers(layers: Sequence[str]) -> list[str]:
     return layers
 
 
-def _as_one_sample(arr: np.ndarray, path: Path) -> np.ndarray:
+def _one_sample_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
     """(1,C,H,W) -> (C,H,W), (1,N) or (N,1) -> (N,); (C,H,W) and (N,) pass unchanged."""
     # Only 4-D and 2-D arrays carry a sample axis: squeezing a 3-D (C,H,W) with C == 1
     # would wrongly drop the channel axis.
-    if arr.ndim in (2, 4) and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim == 2 and arr.shape[1] == 1:  # MATLAB column vector
-        arr = arr[:, 0]
-    if arr.ndim not in (1, 3) or arr.size == 0:
+    if len(shape) in (2, 4) and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) == 2 and shape[1] == 1:  # MATLAB column vector
+        shape = shape[:1]
+    if len(shape) not in (1, 3) or math.prod(shape) == 0:
         raise DataError(
-            f"feature array in {path} has shape {arr.shape}; expected one sample: "
+            f"feature array in {path} has shape {shape}; expected one sample: "
             "(1,C,H,W) or (C,H,W) for conv layers, (1,N) or (N,) for fc layers",
             fix="save one image's features per file under the variable 'feat'",
         )
+    return shape
+
+
+def _as_one_sample(arr: np.ndarray, path: Path) -> np.ndarray:
+    """One image's features, (C,H,W) or (N,), checked finite."""
+    arr = arr.reshape(_one_sample_shape(arr.shape, path))
     if not np.isfinite(arr).all():
         raise DataError(
             f"feature array in {path} contains NaN or inf",
@@ -175,18 +181,28 @@ class _LayerFiles:
             )
         return sorted(union)
 
+    def _existing(self, layer: str, label: str) -> Path:
+        path = self._path(layer, label)
+        if not path.is_file():
+            raise DataError(
+                f"no {self.what} for label '{label}' in layer {layer}: {path} does not exist",
+                fix="use a label from labels(), or export that file",
+            )
+        return path
+
     def read(self, label: str) -> dict[str, np.ndarray]:
         """Features of one label: ``{layer: (C,H,W) or (N,) float32}`` in ``layers`` order."""
         out = {}
         for layer in self.layers:
-            path = self._path(layer, label)
-            if not path.is_file():
-                raise DataError(
-                    f"no {self.what} for label '{label}' in layer {layer}: {path} does not exist",
-                    fix="use a label from labels(), or export that file",
-                )
+            path = self._existing(layer, label)
             out[layer] = _as_one_sample(load_mat(path, "feat"), path)
         return out
+
+    def shape(self, label: str, layer: str) -> tuple[tuple[int, ...], Path]:
+        """Per-image shape of ``layer``'s features of ``label`` and their file, from the
+        file's headers (no array data read)."""
+        path = self._existing(layer, label)
+        return _one_sample_shape(mat_shape(path, "feat"), path), path
 
 
 class DecodedFeatures(_LayerFiles):
