@@ -21,6 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from icnn_pl import interrupt
 from icnn_pl.errors import ConfigError
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
@@ -151,6 +152,8 @@ class Reconstruction(pl.LightningModule):
                       on_step=True, logger=True, batch_size=len(self.labels))
 
     def _closure(self) -> torch.Tensor:
+        # every iteration (and L-BFGS evaluation) starts here: where a Ctrl-C stops cleanly
+        interrupt.check()
         self.param.value.grad = None
         loss, image = self.compute_loss()
         self._record(loss, image)

@@ -23,7 +23,7 @@ from PIL import Image
 from pytorch_lightning.loggers import Logger
 from tqdm.auto import tqdm
 
-from icnn_pl import loggers
+from icnn_pl import interrupt, loggers
 from icnn_pl.atomic import write_text_atomic
 from icnn_pl.build import build_reconstruction
 from icnn_pl.data.datamodule import FailedBatch, ReconDataModule
@@ -115,29 +115,69 @@ def run_job(job: Job) -> JobSummary:
     """Run every pending image of the job, then score, summarise and log."""
     dm, out = job.datamodule, job.outputs
     dm.setup("predict")
-    done = [lab for lab in dm.labels if job.resume and out.is_done(lab)]
+    done = _finished(job)
     pending = [lab for lab in dm.labels if lab not in done]
     if done:
         log.info("resuming: %d of %d images already finished in %s (skipped)",
                  len(done), len(dm.labels), out.dir)
+    failures = _check_files(job, pending)
+    pending = [lab for lab in pending if lab not in failures]
     rows: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
-    bar = tqdm(total=len(dm.labels), initial=len(done), unit="img", disable=not job.progress,
-               desc=f"{job.method} {job.subject} {job.roi}", dynamic_ncols=True)
-    for batch in dm.predict_dataloader(pending):
-        try:
-            if isinstance(batch, FailedBatch):
-                raise batch.error
-            rows.update(_reconstruct(job, batch, step=len(rows), bar=bar))
-        except IcnnError as exc:
-            if job.fail_fast:
-                raise
-            for lab in batch.labels:
-                failures[lab] = str(exc).splitlines()[0]
-                log.error("image %s failed: %s", lab, exc)
-        bar.update(len(batch.labels))
+    bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
+               disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
+               dynamic_ncols=True)
+    with interrupt.deferred_sigint():
+        for batch in dm.predict_dataloader(pending):
+            interrupt.check()
+            try:
+                if isinstance(batch, FailedBatch):
+                    raise batch.error
+                rows.update(_reconstruct(job, batch, step=len(rows), bar=bar))
+            except IcnnError as exc:
+                if job.fail_fast:
+                    raise
+                for lab in batch.labels:
+                    failures[lab] = str(exc).splitlines()[0]
+                    log.error("image %s failed: %s", lab, exc)
+            bar.update(len(batch.labels))
     bar.close()
     return _finish(job, rows, failures, done)
+
+
+def _finished(job: Job) -> list[str]:
+    """Labels finished by an earlier run (resume). A finished file that does not read back
+    (written by something else, or a disk error) is reported and its image redone."""
+    if not job.resume:
+        return []
+    done = []
+    for lab in job.datamodule.labels:
+        if not job.outputs.is_done(lab):
+            continue
+        try:
+            job.outputs.read(lab)
+        except DataError as exc:
+            log.warning("%s; recomputing image %s", exc.problem, lab)
+            continue
+        done.append(lab)
+    return done
+
+
+def _check_files(job: Job, pending: list[str]) -> dict[str, str]:
+    """Check every pending image's feature files from their headers before any work.
+
+    Images with a problem are reported now and skipped (label -> reason). When no image
+    could run, or with ``fail_fast``, the job stops here with the first problem.
+    """
+    problems = job.datamodule.check(pending)
+    if not problems:
+        return {}
+    if job.fail_fast or len(problems) == len(pending):
+        first, more = next(iter(problems.values())), len(problems) - 1
+        raise DataError(first.problem + (f" (and {more} more image(s) with problems)"
+                                         if more else ""), first.fix)
+    for lab, exc in problems.items():
+        log.error("image %s failed: %s", lab, exc)
+    return {lab: str(exc).splitlines()[0] for lab, exc in problems.items()}
 
 
 def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, Any]]:
@@ -181,7 +221,10 @@ def _reconstruct(job: Job, batch, step: int, bar: tqdm) -> dict[str, dict[str, A
 def _finish(job: Job, rows: dict[str, dict[str, Any]], failures: dict[str, str],
             done: list[str]) -> JobSummary:
     dm, out = job.datamodule, job.outputs
-    labels = [lab for lab in dm.labels if lab not in failures]
+    # Every finished image of the job, other shards' too: shards share the job's directory
+    # and whichever ends last leaves complete tables.
+    labels = [lab for lab in dm.job_labels
+              if lab in rows or (lab not in failures and out.is_done(lab))]
     recons, histories, mats = {}, {}, {}
     for lab in labels:
         data = mats[lab] = out.read(lab)
