@@ -36,6 +36,7 @@ from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.optim import Clipping, GDSteps, Regularizer, linear
 from icnn_pl.outputs import ReconOutputs
 from icnn_pl.pipeline import Job
+from icnn_pl.sweep import results_dir, shard_dir, shard_name
 from icnn_pl.targets import STD_MODES, expected_shapes
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ TRUE_FEATURES = "true_features"  # the "subject" of runs from true features
 
 
 def register_resolvers() -> None:
-    """``${icnn.run_name:...}``: the run directory name ("default" without overrides)."""
-    if not OmegaConf.has_resolver("icnn.run_name"):
-        OmegaConf.register_new_resolver("icnn.run_name", run_name)
+    """``${icnn.run_name:...}``: the run directory name ("default" without overrides);
+    ``${icnn.shard_dir:N,i}``: a shard's own folder below it (``icnn_pl.sweep``)."""
+    for name, fn in (("icnn.run_name", run_name), ("icnn.shard_dir", shard_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def run_name(overrides: str | None) -> str:
@@ -302,10 +305,14 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
     recipe = build_recipe(cfg, encoder)
     datamodule, sub = build_datamodule(cfg, encoder, network_id)
     datamodule.setup("predict")  # lists labels: fails now, not after the first image
-    outputs = ReconOutputs(run_dir, sub, cfg.roi)
+    # Shards of a job write images and tables to its shared directory; their loggers
+    # stay in each shard's own run_dir (see icnn_pl.sweep).
+    shards = (cfg.data.get("num_shards", 1), cfg.data.get("shard", 0))
+    outputs = ReconOutputs(results_dir(run_dir, *shards), sub, cfg.roi)
     lg = cfg.logger
+    name = "-".join(filter(None, (outputs.run_dir.name, shard_name(*shards))))
     logger = make_logger(
-        lg.kind, run_dir, name=Path(run_dir).name, project=lg.get("project", "icnn-pl"),
+        lg.kind, run_dir, name=name, project=lg.get("project", "icnn-pl"),
         group=lg.get("group") or group or cfg.method.name, mode=lg.get("mode", "offline"),
         tags=_plain(lg.get("tags")) or [cfg.method.name, sub, cfg.roi],
         config=_plain(cfg),
