@@ -1,72 +1,80 @@
-"""Seconds per image-iteration against batch size (GD methods), one process.
+"""Seconds per image-iteration and images per second against batch size (GD methods).
 
-    python benchmarks/bench_batch.py --batches 1 2 4 --iters 5
+    python -m benchmarks.bench_batch --batches 1 2 4 --iters 5 --out benchmarks/batch_cpu.csv
 
 Reconstructs B images at once (``data.batch_size=B`` in the pipeline) with the default
-icnn_gd / icnn_dgn_gd settings, VGG19 at 224x224 and all 19 layers, and prints the time
-per image and iteration. Batch sizes are interleaved and the median of the repeats is
-reported. On a GPU, batching is where throughput comes from; on a CPU it must not cost
-more per image.
+icnn_gd / icnn_dgn_gd configs, VGG19 at 224x224 and all 19 layers. Batch sizes are
+interleaved and the median of the repeats is reported, with the throughput that means
+at the paper's 200 iterations. On a GPU, batching is where throughput comes from; on a
+CPU it must not cost more per image.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from functools import partial
 
-import torch
+from benchmarks.harness import (
+    PeakMemory,
+    Setup,
+    add_common_args,
+    machine,
+    method_setup,
+    print_markdown,
+    reconstruct,
+    setup_run,
+    sync,
+    true_targets,
+    write_csv,
+)
 
-from benchmarks.bench_iteration import targets_for
-from icnn_pl.build import build_reconstruction
-from icnn_pl.nets import build_encoder, build_generator
-from icnn_pl.nets.vgg import VGG19_LAYERS
-from icnn_pl.objective import layer_weights
-from icnn_pl.optim import GDSteps, Linear
-from icnn_pl.runner import device_trainer_args, fit
 
-
-def per_image_iteration(encoder, feats, batch, iters, generator=None) -> float:
-    targets = {n: torch.from_numpy(f)[None].expand(batch, *f.shape).clone()
-               for n, f in feats.items()}
-    labels = [f"im{i}" for i in range(batch)]
-    recipe = {"optimizer": partial(torch.optim.SGD, lr=2.0, momentum=0.9), "n_iter": iters,
-              "schedules": {"lr": Linear(2.0, 1e-10), "momentum": Linear(0.9, 0.9)}}
-    if generator is None:
-        recipe |= {"init": "uniform", "steps": GDSteps(
-            decay=Linear(0.2, 1e-10), blur_sigma=Linear(2.0, 0.5))}
-    else:
-        recipe |= {"init": "normal", "generator": generator, "code_bounds": (0.0, 100.0),
-                   "steps": GDSteps(decay=Linear(0.01, 0.01)), "return_last_forward": True}
-    module = build_reconstruction(targets, encoder, weights=layer_weights(targets),
-                                  labels=labels, **recipe)
+def per_image_iteration(setup: Setup, targets, batch: int, iters: int) -> float:
+    """Seconds per image and iteration for ``batch`` copies of the targets."""
+    stacked = {n: t.expand(batch, *t.shape[1:]).clone() for n, t in targets.items()}
+    sync()
     t0 = time.perf_counter()
-    fit(module, **device_trainer_args(encoder.device))
+    reconstruct(setup, stacked)
+    sync()
     return (time.perf_counter() - t0) / (iters * batch)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", default=["icnn_gd", "icnn_dgn_gd"],
+                        choices=["icnn_gd", "icnn_dgn_gd"])
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    encoder = build_encoder("vgg19").to(args.device)
-    generator = build_generator("relu7").to(args.device)
-    feats = targets_for(encoder, list(VGG19_LAYERS))
-    for method, gen in (("icnn_gd", None), ("icnn_dgn_gd", generator)):
+    overrides = setup_run(args)
+    encoder, rows = None, []
+    for method in args.methods:
+        setup = method_setup(method, args.iters, args.device, overrides, encoder)
+        encoder = setup.encoder
+        targets = true_targets(encoder, setup.layers)
         times = {b: [] for b in args.batches}
+        peaks = {b: [] for b in args.batches}
         for _ in range(args.repeats):
             for b in args.batches:
-                times[b].append(per_image_iteration(encoder, feats, b, args.iters, gen))
+                with PeakMemory(args.device) as mem:
+                    times[b].append(per_image_iteration(setup, targets, b, args.iters))
+                peaks[b].append(mem.peak_mb)
         for b in args.batches:
             med = statistics.median(times[b])
-            print(f"{method} batch {b}: {med:.4f} s per image-iteration, "
-                  f"{1.0 / (med * 200):.3f} images/s at 200 iterations", flush=True)
+            rows.append({"method": method, "batch": b, "s_per_image_iter": round(med, 4),
+                         "images_per_s_at_200_iter": round(1.0 / (med * 200), 4),
+                         "peak_mb": round(max(peaks[b]))})
+            print(rows[-1], flush=True)
+    print(f"\n{machine()}; {args.iters} iterations x {args.repeats} interleaved repeats"
+          " (median)\n")
+    print_markdown(rows)
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,29 @@
-"""Seconds per iteration: icnn-pl against the floor and bdpy, side by side in one process.
+"""Seconds per iteration and peak memory of the four methods, side by side in one process.
 
-    python benchmarks/bench_iteration.py --iters 10 --repeats 2 --out benchmarks/results.csv
+    python benchmarks/bench_iteration.py --iters 10 --repeats 3 --out benchmarks/results_cpu.csv
 
-For each GD method (icnn_gd, icnn_dgn_gd) on VGG19 at 224x224 with all 19 layers:
+VGG19 at 224x224 with all 19 layers, each method with its default config (``conf/``).
+Per method, interleaved (floor, icnn-pl, pipeline, bdpy, floor, ...), median of the repeats:
 - floor: a bare forward to the deepest target layer and backward to the input (through
-  the generator for DGN), with the l2 objective; no optimiser, logging or Lightning;
-- ours: ``icnn_pl.icnn_gd.reconstruct_image`` / ``icnn_dgn_gd`` (LightningModule + lean
-  Trainer, default options), per-iteration time including Trainer set-up;
-- bdpy: ``bdpy.recon.torch.icnn.reconstruct`` with the same network, targets and options
-  (snapshots off), and with its default snapshot/print settings ("bdpy_defaults").
-Measurements are interleaved (floor, ours, bdpy, floor, ...) and the median is reported.
-Random weights are used (the cost does not depend on the weight values).
+  the generator for DGN methods), with the l2 loss; no optimiser, logging or Lightning;
+- icnn-pl: the ``LightningModule`` with a lean Trainer, as the Python API runs it
+  (seconds per iteration, or per function evaluation for L-BFGS, including set-up);
+- pipeline: ``train_recon.py`` itself on one demo image, with the W&B logger on (offline).
+  ``pipeline`` is the reconstruction's own time per iteration as the job reports it
+  (Trainer, logging every 10 steps); ``job_overhead_s`` is the rest of the job's wall
+  time (Hydra, building the networks, W&B start/finish, feature fit, outputs, gallery);
+- bdpy: ``bdpy.recon.torch.icnn.reconstruct`` on the same network, targets and options,
+  with snapshots off (the same work) and with its defaults (a TIFF snapshot and a printed
+  line every iteration). bdpy has no L-BFGS.
+Peak memory: the CUDA allocator's peak on a GPU; on a CPU the peak resident memory of the
+process (``peak_rss_mb``), which only grows, so the first candidate carries the set-up.
+Random weights: the cost does not depend on the weight values.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
 import io
 import statistics
@@ -27,123 +33,141 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from icnn_pl import icnn_dgn_gd, icnn_gd
-from icnn_pl.image import to_caffe
-from icnn_pl.nets import build_encoder, build_generator
-from icnn_pl.nets.generator import center_crop
-from icnn_pl.nets.vgg import VGG19_LAYERS
+from benchmarks.harness import (
+    PeakMemory,
+    Setup,
+    add_common_args,
+    floor_seconds,
+    machine,
+    method_setup,
+    print_markdown,
+    read_csv,
+    reconstruct,
+    run_train_recon,
+    setup_run,
+    sync,
+    true_targets,
+    write_csv,
+)
+
+METHODS = ("icnn_gd", "icnn_dgn_gd", "icnn_lbfgs", "icnn_dgn_lbfgs")
+DEMO_LABEL = "astronaut"
 
 
-def targets_for(encoder, layers):
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (224, 224, 3)).astype(np.float32)
-    encoder.set_layers(layers)
-    with torch.no_grad():
-        return {k: v[0].numpy() for k, v in encoder(to_caffe(img, encoder.mean_bgr)).items()}
+def floor(setup: Setup, targets, iters: int) -> float:
+    return floor_seconds(setup.encoder, targets, iters, setup.generator)
 
 
-def floor(encoder, feats, iters, generator=None):
-    """Bare forward to the deepest target and backward to the input (no optimiser)."""
-    net = encoder.net
-    names = list(feats)
-    targets = {n: torch.from_numpy(f)[None] for n, f in feats.items()}
-    captured = {}
-    hooks = [net.get_submodule(VGG19_LAYERS[n]).register_forward_hook(
-        lambda m, i, o, n=n: captured.__setitem__(n, o)) for n in names]
-    if generator is None:
-        x = torch.zeros(1, 3, 224, 224, requires_grad=True)
-    else:
-        x = torch.zeros(1, 4096, requires_grad=True)
+def icnn_pl(setup: Setup, targets, iters: int) -> float:
+    sync()
     t0 = time.perf_counter()
-    for _ in range(iters):
-        img = x if generator is None else center_crop(generator(x), (224, 224))
-        net(img)  # full forward: fc8 is the deepest of the 19 layers
-        loss = sum(((captured[n] - targets[n]) ** 2).sum() for n in names)
-        loss.backward()
-        x.grad = None
-    dt = (time.perf_counter() - t0) / iters
-    for h in hooks:
-        h.remove()
-    return dt
+    result = reconstruct(setup, targets)
+    sync()
+    return (time.perf_counter() - t0) / result.n_evals
 
 
-def ours(encoder, feats, iters, generator=None):
-    t0 = time.perf_counter()
-    if generator is None:
-        icnn_gd.reconstruct_image(feats, encoder, iter_n=iters)
-    else:
-        icnn_dgn_gd.reconstruct_image(feats, encoder, generator, iter_n=iters)
-    return (time.perf_counter() - t0) / iters
+def pipeline(setup: Setup, targets, iters: int, timings: dict) -> float:
+    """``train_recon.py`` on one demo image in a fresh run directory, logger on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = run_train_recon([
+            f"method={setup.method}", f"method.n_iter={iters}", *setup.overrides,
+            f"data.labels=[{DEMO_LABEL}]", "progress=false", "logger=wandb",
+            f"hydra.run.dir={tmp}/run"])
+        row = read_csv(Path(tmp) / "run" / "results.csv")[0]
+    seconds, evals = float(row["seconds"]), int(row["function_evals"])
+    timings.setdefault(setup.method, []).append(wall - seconds)
+    return seconds / evals
 
 
-def bdpy_peer(encoder, feats, iters, generator=None, snapshots: bool = False):
-    """bdpy with snapshots off (the same work as ours), or with its defaults (a TIFF
-    snapshot and a printed line every iteration)."""
-    from bdpy.recon.torch.icnn import reconstruct
+def bdpy_peer(setup: Setup, targets, iters: int, snapshots: bool = False) -> float:
+    """bdpy's ``reconstruct`` with the method's default options, as bdpy's users run it
+    (RGB HWC images outside, Caffe space inside)."""
+    from bdpy.recon.torch.icnn import reconstruct as bdpy_reconstruct
 
-    mapping = {n: VGG19_LAYERS[n].replace("features.", "features[").replace(
-        "classifier.", "classifier[") + "]" for n in feats}
-    feats = {n: f[None] for n, f in feats.items()}  # bdpy wants the batch axis
+    encoder, m = setup.encoder, setup.cfg.method
+    mapping = {n: encoder.layer_mapping[n].replace("features.", "features[").replace(
+        "classifier.", "classifier[") + "]" for n in targets}
+    feats = {n: t.cpu().numpy() for n, t in targets.items()}
+    mean = np.asarray(encoder.mean_bgr, dtype=np.float32).reshape(3, 1, 1)
+    sched = setup.cfg.optimizer.schedule
+    size = (*encoder.input_size, 3)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        kwargs = dict(encoder=encoder.net, layer_mapping=mapping, n_iter=iters,
-                      save_snapshot=snapshots, output_dir=tmp, snapshot_dir=f"{tmp}/snap",
-                      disp_interval=1 if snapshots else 10**9, return_loss=True)
-        # As bdpy's users run it: RGB HWC images outside, Caffe space inside.
-        mean = np.asarray(encoder.mean_bgr, dtype=np.float32).reshape(3, 1, 1)
-        kwargs["postproc"] = lambda x: (x + mean)[::-1].transpose(1, 2, 0).copy()
+        kwargs = dict(
+            encoder=encoder.net, layer_mapping=mapping, n_iter=iters,
+            lr=tuple(sched.lr), momentum=tuple(sched.momentum),
+            decay=tuple(m.steps.decay), device=str(encoder.device),
+            save_snapshot=snapshots, output_dir=tmp, snapshot_dir=f"{tmp}/snap",
+            disp_interval=1 if snapshots else 10**9, return_loss=True,
+            postproc=lambda x: (x + mean)[::-1].transpose(1, 2, 0).copy())
+        sync()
         t0 = time.perf_counter()
-        if generator is None:
-            rgb = np.random.default_rng(1).integers(0, 256, (224, 224, 3)).astype(np.float32)
-            reconstruct(feats, blurring=True, initial_image=rgb,
-                        preproc=lambda x: x.transpose(2, 0, 1)[::-1].copy() - mean, **kwargs)
+        if setup.generator is None:
+            rgb = np.random.default_rng(1).integers(0, 256, size).astype(np.float32)
+            bdpy_reconstruct(feats, blurring=True, sigma=tuple(m.steps.blur_sigma),
+                             initial_image=rgb,
+                             preproc=lambda x: x.transpose(2, 0, 1)[::-1].copy() - mean,
+                             **kwargs)
         else:
-            reconstruct(feats, generator=generator, decay=(0.01, 0.01),
-                        feature_lower_bound=0.0, feature_upper_bound=100.0,
-                        image_size=(224, 224, 3), **kwargs)
+            g = setup.cfg.generator
+            bdpy_reconstruct(feats, generator=setup.generator, feature_lower_bound=g.lower,
+                             feature_upper_bound=g.upper, image_size=size, **kwargs)
+        sync()
     return (time.perf_counter() - t0) / iters
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-bdpy", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-pipeline", action="store_true")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    encoder = build_encoder("vgg19")
-    generator = build_generator("relu7")
-    layers = list(VGG19_LAYERS)
-    feats = targets_for(encoder, layers)
-    candidates = {"floor": floor, "icnn-pl": ours}
-    if not args.no_bdpy:
-        candidates["bdpy"] = bdpy_peer
-        candidates["bdpy_defaults"] = functools.partial(bdpy_peer, snapshots=True)
+    overrides = setup_run(args)
+    encoder = None
+    overheads: dict[str, list[float]] = {}
     rows = []
-    for method, gen in (("icnn_gd", None), ("icnn_dgn_gd", generator)):
+    for method in args.methods:
+        setup = method_setup(method, args.iters, args.device, overrides, encoder)
+        encoder = setup.encoder
+        targets = true_targets(encoder, setup.layers)
+        candidates = {"floor": floor, "icnn-pl": icnn_pl}
+        if not args.no_pipeline:
+            candidates["pipeline"] = functools.partial(pipeline, timings=overheads)
+            if method == args.methods[0]:  # demo data and W&B warm-up, not timed
+                run_train_recon([f"method={method}", "method.n_iter=1", "logger=none", *overrides,
+                                 f"data.labels=[{DEMO_LABEL}]", "progress=false",
+                                 f"hydra.run.dir={tempfile.mkdtemp()}"])
+        if not args.no_bdpy and "lbfgs" not in method:
+            candidates["bdpy"] = bdpy_peer
+            candidates["bdpy_defaults"] = functools.partial(bdpy_peer, snapshots=True)
         times = {k: [] for k in candidates}
+        peaks = {k: [] for k in candidates}
         for _ in range(args.repeats):
             for name, fn in candidates.items():
-                times[name].append(fn(encoder, feats, args.iters, gen))
+                with PeakMemory(args.device) as mem:
+                    times[name].append(fn(setup, targets, args.iters))
+                peaks[name].append(mem.peak_mb)
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"method": method, **{f"{k}_s_per_iter": round(v, 4) for k, v in med.items()},
-               "ours_over_floor": round(med["icnn-pl"] / med["floor"], 3)}
+        row = {"method": method, **{f"{k}_s": round(v, 4) for k, v in med.items()}}
+        for k in ("icnn-pl", "pipeline"):
+            if k in med:
+                row[f"{k}_over_floor"] = round(med[k] / med["floor"], 3)
         if "bdpy" in med:
-            row["bdpy_over_ours"] = round(med["bdpy"] / med["icnn-pl"], 3)
-            row["bdpy_defaults_over_ours"] = round(med["bdpy_defaults"] / med["icnn-pl"], 3)
+            row["bdpy_over_icnn-pl"] = round(med["bdpy"] / med["icnn-pl"], 3)
+            row["bdpy_defaults_over_icnn-pl"] = round(med["bdpy_defaults"] / med["icnn-pl"], 3)
+        if method in overheads:
+            row["job_overhead_s"] = round(statistics.median(overheads[method]), 2)
+        row |= {f"{k}_peak_mb": round(max(v)) for k, v in peaks.items()}
         rows.append(row)
         print(row, flush=True)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.iters} iterations x {args.repeats} interleaved repeats (median)")
-    if args.out:
-        with open(args.out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    print(f"\n{machine()}; {args.iters} iterations x {args.repeats} interleaved repeats"
+          " (median); seconds per iteration (L-BFGS: per function evaluation)\n")
+    print_markdown(rows)
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

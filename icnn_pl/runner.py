@@ -37,6 +37,17 @@ def device_trainer_args(device: torch.device | str) -> dict[str, Any]:
     return {"accelerator": "cpu", "devices": 1}
 
 
+def set_tf32(enabled: bool) -> None:
+    """Allow TF32 (10-bit mantissa) for float32 convolutions and matmuls on Ampere+ GPUs.
+
+    Off unless asked for: PyTorch enables it for cuDNN convolutions by default, which
+    changes the reconstruction; ``benchmarks/bench_quality.py`` measures the effect.
+    """
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
 def make_trainer(
     n_steps: int,
     accelerator: str = "auto",
@@ -45,8 +56,14 @@ def make_trainer(
     callbacks: Sequence[pl.Callback] = (),
     log_every_n_steps: int = 10,
     precision: str | int | None = None,
+    tf32: bool = False,
 ) -> pl.Trainer:
-    """A Trainer with nothing a single reconstruction does not need."""
+    """A Trainer with nothing a single reconstruction does not need.
+
+    ``precision`` is Lightning's (``bf16-mixed``, ``16-mixed``; default full float32);
+    ``tf32`` allows TF32 tensor cores on Ampere+ GPUs (see ``set_tf32``).
+    """
+    set_tf32(tf32)
     kwargs = {} if precision is None else {"precision": precision}
     # None would make Lightning add its default TensorBoard logger in ./lightning_logs.
     logger = False if logger is None else logger

@@ -1,0 +1,84 @@
+"""What keeps the hot loop lean and memory flat: freed modules and hooks, frozen nets,
+targets on the module's device, and the reduced-precision options (bf16, TF32).
+
+No timings here: speed is measured by ``benchmarks/`` side by side against a baseline.
+"""
+
+import gc
+import weakref
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import TinyGenerator, tiny_encoder, tiny_targets
+
+from icnn_pl.build import build_reconstruction
+from icnn_pl.optim import GDSteps, Linear, ScipyLBFGSB
+from icnn_pl.runner import fit, make_trainer
+
+GD = {"optimizer": partial(torch.optim.SGD, lr=2.0, momentum=0.9), "n_iter": 4,
+      "schedules": {"lr": Linear(2.0, 1e-10)},
+      "steps": GDSteps(decay=Linear(0.2, 1e-10), blur_sigma=Linear(2.0, 0.5))}
+LBFGS = {"optimizer": partial(ScipyLBFGSB, maxiter=4), "n_iter": 4, "pixel_bounds": True}
+
+
+def _targets():
+    return {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
+
+
+def test_module_graph_and_hooks_are_freed_after_each_image():
+    """A job reconstructs image after image with one encoder: nothing may pile up on it."""
+    encoder, generator = tiny_encoder(), TinyGenerator()
+    refs = []
+    for gen in (None, generator, None):
+        recipe = {**GD, "init": "normal", "generator": gen, "steps": None} if gen else GD
+        module = build_reconstruction(_targets(), encoder, **recipe)
+        fit(module, accelerator="cpu", devices=1)
+        refs += [weakref.ref(module), weakref.ref(module.param.value)]
+        del module
+    gc.collect()
+    assert all(r() is None for r in refs), "a module or its parameter outlived its image"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks
+               for net in (encoder.net, generator) for m in net.modules())
+    assert not any(p.requires_grad or p.grad is not None
+                   for net in (encoder.net, generator) for p in net.parameters())
+
+
+def test_targets_are_buffers_that_follow_the_module():
+    """Targets and weights move with the module (to the GPU once, before the loop)."""
+    module = build_reconstruction(_targets(), tiny_encoder(), **GD)
+    buffers = dict(module.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    module.to(torch.float64)  # a stand-in for .to(device): every buffer goes along
+    assert all(b.dtype == torch.float64 for b in module.buffers())
+
+
+@pytest.mark.parametrize("recipe", [GD, LBFGS], ids=["gd", "lbfgs"])
+def test_bf16_mixed_runs_and_stays_close_to_float32(recipe):
+    """Reduced precision is an option: it runs through manual optimisation and L-BFGS-B,
+    keeps the parameter and the loss history in float32, and changes the loss by about
+    bf16's resolution."""
+    results = {}
+    for precision in (None, "bf16-mixed"):
+        module = build_reconstruction(_targets(), tiny_encoder(), seed=3, **recipe)
+        results[precision] = fit(module, accelerator="cpu", devices=1, precision=precision)
+        assert module.param.value.dtype == torch.float32
+    full, half = results[None], results["bf16-mixed"]
+    assert half.loss_history.dtype == np.float32 and np.isfinite(half.loss_history).all()
+    assert half.images.dtype == np.float32
+    # The first loss is of the same initial image: only the arithmetic differs.
+    np.testing.assert_allclose(half.loss_history[0, 0], full.loss_history[0, 0], rtol=0.05)
+    assert not np.array_equal(half.loss_history, full.loss_history)  # bf16 really ran
+
+
+def test_tf32_is_off_unless_asked_for():
+    try:
+        make_trainer(1, accelerator="cpu", devices=1, tf32=True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        make_trainer(1, accelerator="cpu", devices=1)
+    # PyTorch's own default allows TF32 in cuDNN convolutions; ours is strict float32.
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
