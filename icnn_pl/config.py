@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 METHOD_PARAMS = ("pixel", "code")
 DATA_KINDS = ("demo", "decoded", "decoded_caffe", "true_features")
+# Lightning precisions that suit a reconstruction (null: full float32, the reference).
+PRECISIONS = (None, "32-true", "bf16-mixed", "16-mixed")
 DEMO_SOURCES = ("decoded", "true_features")
 TRUE_FEATURES = "true_features"  # the "subject" of runs from true features
 
@@ -88,6 +90,7 @@ def _path(value: Any, key: str) -> Path:
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of config values, before anything is built."""
     _check_method(cfg)
+    _check_trainer(cfg)
     _check_data(cfg)
     _check_files(cfg)
 
@@ -131,6 +134,16 @@ def _check_method(cfg: DictConfig) -> None:
     if lg.kind == "wandb" and lg.get("mode", "offline") not in WANDB_MODES:
         raise ConfigError(f"logger.mode={lg.mode!r} is not a W&B mode",
                           "use offline (default), online or disabled")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.get("precision") not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is not supported",
+                          f"use one of {PRECISIONS} (null: full float32)")
+    if not isinstance(t.get("tf32", False), bool):
+        raise ConfigError(f"trainer.tf32={t.tf32!r} must be true or false",
+                          "set trainer.tf32=true or trainer.tf32=false")
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -322,6 +335,8 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                     "log_every_n_steps": t.get("log_every_n_steps", 10)}
     if t.get("precision") is not None:
         trainer_args["precision"] = t.precision
+    if t.get("tf32"):
+        trainer_args["tf32"] = True
     return Job(datamodule=datamodule, encoder=encoder, recipe=recipe, outputs=outputs,
                method=cfg.method.name, subject=sub, roi=cfg.roi, trainer_args=trainer_args,
                logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
