@@ -15,6 +15,8 @@ from typing import Any
 
 import hydra.utils
 import numpy as np
+import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from icnn_pl.data.datamodule import ReconDataModule, select_labels
@@ -33,8 +35,10 @@ from icnn_pl.errors import ConfigError
 from icnn_pl.loggers import WANDB_MODES, make_logger
 from icnn_pl.nets import ARCHITECTURES, build_encoder, build_generator
 from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.objective import LOSSES
 from icnn_pl.optim import Clipping, GDSteps, Regularizer, linear
 from icnn_pl.outputs import ReconOutputs
+from icnn_pl.params import CODE_INITS, PIXEL_INITS
 from icnn_pl.pipeline import Job
 from icnn_pl.sweep import results_dir, shard_dir, shard_name
 from icnn_pl.targets import STD_MODES, expected_shapes
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 METHOD_PARAMS = ("pixel", "code")
 DATA_KINDS = ("demo", "decoded", "decoded_caffe", "true_features")
+LAYER_WEIGHTINGS = ("inverse_norm", "uniform")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # Lightning precisions that suit a reconstruction (null: full float32, the reference).
 PRECISIONS = (None, "32-true", "bf16-mixed", "16-mixed")
 DEMO_SOURCES = ("decoded", "true_features")
@@ -93,6 +99,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_trainer(cfg)
     _check_data(cfg)
     _check_files(cfg)
+    _check_choices(cfg)
 
 
 def _check_method(cfg: DictConfig) -> None:
@@ -144,6 +151,49 @@ def _check_trainer(cfg: DictConfig) -> None:
     if not isinstance(t.get("tf32", False), bool):
         raise ConfigError(f"trainer.tf32={t.tf32!r} must be true or false",
                           "set trainer.tf32=true or trainer.tf32=false")
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Values that would otherwise fail only when the first image starts (or in Lightning)."""
+    m, net = cfg.method, cfg.network
+    mode = _plain(cfg.layer_weights.mode)
+    if not (mode in LAYER_WEIGHTINGS or isinstance(mode, dict)):
+        raise ConfigError(f"layer_weights.mode={mode!r} is not valid",
+                          "use layer_weights=inverse_norm or layer_weights=uniform"
+                          " (or a dict layer -> weight)")
+    inits = PIXEL_INITS if m.param == "pixel" else CODE_INITS
+    if isinstance(m.get("init"), str) and m.init not in inits:
+        raise ConfigError(f"method.init={m.init!r} is not valid for {m.name}",
+                          f"use one of {inits}")
+    loss = _plain(m.get("loss_type", "l2"))
+    kinds = list(loss.values()) if isinstance(loss, dict) else [loss]
+    if any(k not in LOSSES for k in kinds):
+        raise ConfigError(f"method.loss_type={loss!r} is not valid",
+                          f"use one of {sorted(LOSSES)} (or a dict layer -> loss type)")
+    size, mean = _plain(net.input_size), _plain(net.mean_bgr)
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ConfigError(f"network.input_size={size!r} must be [height, width] in pixels",
+                          "set network.input_size=[224,224] (the size the features were made at)")
+    if not (isinstance(mean, list) and len(mean) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in mean)):
+        raise ConfigError(f"network.mean_bgr={mean!r} must be three numbers (B, G, R)",
+                          "set network.mean_bgr=[104.007,116.669,122.679] (paper) or [104,117,123]")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer", "set seed=0 (or any integer)")
+    g = cfg.get("generator")
+    if m.param == "code" and g is not None and g.get("act_range") is None and \
+            not (isinstance(g.lower, int | float) and isinstance(g.upper, int | float)
+                 and g.lower < g.upper):
+        raise ConfigError(f"generator bounds lower={g.lower!r}, upper={g.upper!r} are not a range",
+                          "set generator.lower < generator.upper (default 0 and 100)")
+    accel = str(cfg.trainer.accelerator)
+    if accel not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accel!r} is not valid",
+                          "use trainer=auto (GPU when present), trainer=cpu or trainer=gpu")
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accel} but this machine has no usable CUDA GPU",
+                          "use trainer=auto (GPU when present) or trainer=cpu")
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -234,8 +284,14 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
 def build_recipe(cfg: DictConfig, encoder: FeatureEncoder) -> dict[str, Any]:
     """``build_reconstruction`` keyword arguments from method, optimizer and generator."""
     m = cfg.method
+    try:
+        optimizer = hydra.utils.instantiate(cfg.optimizer.factory)
+    except InstantiationException as exc:
+        raise ConfigError(f"optimizer.factory cannot be built: {str(exc).splitlines()[0]}",
+                          "pick an optimizer option: optimizer=sgd_momentum, adam, adamw or"
+                          " lbfgsb") from exc
     recipe: dict[str, Any] = {
-        "optimizer": hydra.utils.instantiate(cfg.optimizer.factory),
+        "optimizer": optimizer,
         "n_iter": int(m.n_iter),
         "schedules": {k: linear(v) for k, v in _plain(cfg.optimizer.schedule or {}).items()},
         "steps": build_steps(_plain(m.steps)),

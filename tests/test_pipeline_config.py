@@ -100,6 +100,9 @@ def test_option_composes_and_checks(group, option):
     if group == "data" and option in NEEDS_ROOT:
         with pytest.raises(ConfigError, match=r"data\.root"):
             config_mod.check_config(cfg)
+    elif (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu"):
+            config_mod.check_config(cfg)
     elif (group, option) != ("experiment", "fig2"):  # see test_experiment_fig2_requires_*
         config_mod.check_config(cfg)
 

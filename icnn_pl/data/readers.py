@@ -241,7 +241,7 @@ class DecodedFeatures(_LayerFiles):
         if len(folds) > 1:
             raise ConfigError(
                 f"{roi_dir} holds several folds ({_preview(folds)}) and no fold was given",
-                fix="set the fold (e.g. fold=" + folds[0] + ")",
+                fix=f"choose one: data.fold={folds[0]} (fold= when calling the reader)",
             )
         if folds:
             return roi_dir / folds[0] / "decoded_features"

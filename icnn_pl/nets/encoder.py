@@ -90,7 +90,8 @@ class FeatureEncoder(nn.Module):
                 raise ConfigError(
                     f"the network does not run on a {self.input_size[0]}x{self.input_size[1]}"
                     f" input: {type(exc).__name__}: {exc}",
-                    "set the encoder's input size to what the network expects",
+                    "set network.input_size (input_size=) to the size the target features"
+                    " were computed at, usually [224,224] (VGG19 needs at least 32x32)",
                 ) from exc
             self._shape_cache.update({n: tuple(t.shape[1:]) for n, t in captured.items()})
             missing = [n for n in names if n not in order]
