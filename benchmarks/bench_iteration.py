@@ -1,6 +1,6 @@
 """Seconds per iteration and peak memory of the four methods, side by side in one process.
 
-    python benchmarks/bench_iteration.py --iters 10 --repeats 3 --out benchmarks/results_cpu.csv
+    python -m benchmarks.bench_iteration --iters 10 --repeats 3 --out benchmarks/results_cpu.csv
 
 VGG19 at 224x224 with all 19 layers, each method with its default config (``conf/``).
 Per method, interleaved (floor, icnn-pl, pipeline, bdpy, floor, ...), median of the repeats:

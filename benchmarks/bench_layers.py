@@ -1,6 +1,6 @@
 """Early stop: seconds per iteration of ``icnn_gd`` for each layer set, one process.
 
-    python benchmarks/bench_layers.py --iters 10 --repeats 3 --out benchmarks/layers_cpu.csv
+    python -m benchmarks.bench_layers --iters 10 --repeats 3 --out benchmarks/layers_cpu.csv
 
 For each layer set of ``conf/layers`` (paper Fig 4), interleaved, median of the repeats:
 - ``full_net``: the bare forward through all of VGG19 and backward (no early stop), the

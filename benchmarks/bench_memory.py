@@ -1,6 +1,6 @@
 """Memory across images: a 20-image job through ``train_recon.py``, logger on.
 
-    python benchmarks/bench_memory.py --images 20 --iters 5 --out benchmarks/memory_cpu.csv
+    python -m benchmarks.bench_memory --images 20 --iters 5 --out benchmarks/memory_cpu.csv
 
 Writes 20 natural images (scikit-image's demo stimuli, flipped for more) to a folder and
 reconstructs them from their true features (``data=true_features``, ``icnn_gd`` defaults

@@ -1,6 +1,6 @@
 """Time to quality: wall time until the loss reaches what the reference settings reach.
 
-    python benchmarks/bench_quality.py --out benchmarks/quality_cpu.csv
+    python -m benchmarks.bench_quality --out benchmarks/quality_cpu.csv
 
 The floor bounds the cost of one iteration, not of one reconstruction. For pixels and for
 the DGN code, the reference run (``icnn_gd`` / ``icnn_dgn_gd`` defaults, 200 iterations)

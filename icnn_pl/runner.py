@@ -41,7 +41,7 @@ def set_tf32(enabled: bool) -> None:
     """Allow TF32 (10-bit mantissa) for float32 convolutions and matmuls on Ampere+ GPUs.
 
     Off unless asked for: PyTorch enables it for cuDNN convolutions by default, which
-    changes the reconstruction; ``benchmarks/bench_quality.py`` measures the effect.
+    changes the reconstruction; ``python -m benchmarks.bench_quality`` measures the effect.
     """
     mode = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
