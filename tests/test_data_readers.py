@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from icnn_pl.data.matio import load_mat, load_mat_dict, save_mat
+from icnn_pl.data.matio import load_mat, load_mat_dict, mat_shape, save_mat
 from icnn_pl.data.readers import (
     CaffeDecodedFeatures,
     DecodedFeatures,
@@ -66,6 +66,7 @@ def test_load_mat_roundtrip_exact(tmp_path, fmt, make):
     assert got.shape == arr.shape
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, arr)
+    assert mat_shape(path) == arr.shape  # from the headers, as a job checks before any work
 
 
 def test_v73_axes_match_scipy_loadmat(tmp_path):
@@ -131,11 +132,12 @@ def test_load_mat_truncated(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", WRITERS)
 def test_load_mat_missing_key_lists_present(tmp_path, fmt):
     path = WRITERS[fmt](tmp_path / "k.mat", features=fc_feat(), other=fc_feat(1))
-    with pytest.raises(DataError) as info:
-        load_mat(path, "feat")
-    msg = str(info.value)
-    assert "'feat'" in msg and "k.mat" in msg
-    assert "features" in msg and "other" in msg
+    for read in (load_mat, mat_shape):
+        with pytest.raises(DataError) as info:
+            read(path, "feat")
+        msg = str(info.value)
+        assert "'feat'" in msg and "k.mat" in msg
+        assert "features" in msg and "other" in msg
 
 
 def test_load_mat_rejects_non_numeric(tmp_path):

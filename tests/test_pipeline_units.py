@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,50 @@ def test_outputs_overwrite_is_atomic(tmp_path):
     out.write("cat", _image(1), np.zeros(2))
     np.testing.assert_array_equal(out.read("cat")["recon_image"], _image(1))
     assert leftovers(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """A writer killed mid-write leaves its temporary; the next job removes it, but never
+    the temporary of a live writer (a shard beside it) or of another host."""
+    import subprocess
+    import sys
+
+    from icnn_pl.atomic import _HOST
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    out_dir = tmp_path / "sub-01" / "VC"
+    out_dir.mkdir(parents=True)
+    names = {"dead": f".recon_image-a.mat.{_HOST}-{dead}-k2j4h6.tmp",
+             "live": f".recon_image-b.mat.{_HOST}-{os.getpid()}-k2j4h6.tmp",
+             "other_host": f".recon_image-c.mat.elsewhere-{dead}-k2j4h6.tmp",
+             "table": f".results.csv.{_HOST}-{dead}-k2j4h6.tmp"}
+    for name in names.values():
+        (tmp_path / name if name.startswith(".results") else out_dir / name).write_text("x")
+    ReconOutputs(tmp_path, "sub-01", "VC")
+    assert leftovers(tmp_path) == sorted([names["live"], names["other_host"]])
+
+
+def test_ctrl_c_first_requests_a_stop_second_interrupts():
+    import signal
+
+    from icnn_pl import interrupt
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with interrupt.deferred_sigint():
+            handler = signal.getsignal(signal.SIGINT)
+            interrupt.check()  # nothing asked yet
+            handler(signal.SIGINT, None)  # first Ctrl-C: a request, checked between iterations
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.check()
+            with pytest.raises(KeyboardInterrupt):  # second Ctrl-C: at once
+                handler(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        interrupt.check()  # the request ends with the job
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_outputs_read_missing_or_corrupt(tmp_path):
