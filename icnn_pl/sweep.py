@@ -134,6 +134,7 @@ class SweepSummary(Callback):
         if _is_sweep(config):
             _write_record(config, {"status": "running", "started": _now(),
                                    "started_s": time.time()})
+            write_sweep_summary(config.hydra.sweep.dir)  # shows what is running
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not _is_sweep(config):

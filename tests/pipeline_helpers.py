@@ -57,15 +57,6 @@ def run_cli(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedPr
                           text=True, timeout=timeout, env=child_env())
 
 
-def with_defaults(defaults: Sequence[str], overrides: Sequence[str]) -> list[str]:
-    """``defaults`` then ``overrides``, dropping defaults whose key an override sets (Hydra
-    refuses a key given twice)."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    if "data" in keys:  # another data option: the demo's root is not its root
-        keys.add("data.root")
-    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
-
-
 def output_of(proc: subprocess.CompletedProcess | Mapping[str, Any]) -> str:
     if isinstance(proc, Mapping):
         return proc["out"] + proc["err"]
@@ -112,6 +103,32 @@ def run_many(cases: Sequence[Sequence[str]], timeout: float = 400) -> list[dict[
 
 
 # -- on-disk inputs ------------------------------------------------------------------------
+def write_demo(root: Path, labels: Sequence[str] = DEMO_LABELS,
+               subjects: Sequence[int | None] = (None,)) -> Path:
+    """The embedded demo for the tiny network, written in-process exactly as a run writes
+    it (same encoder, same network id): true features of ``labels`` and, per subject in
+    ``subjects`` (None: none), their decoded features."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from icnn_pl.config import build_encoder_from_cfg, register_resolvers
+    from icnn_pl.data.demo import Demo
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"data.root={root}"])
+    encoder, network_id = build_encoder_from_cfg(cfg)
+    demo = Demo(root, encoder, network_id)
+    for subject in subjects:
+        # Work-around for test_demo_second_subject_after_cached_true_features (units): the
+        # decoded features of a subject written after the true features were cached get a
+        # spurious leading axis, so start each subject from uncached true features.
+        shutil.rmtree(demo.true_dir, ignore_errors=True)
+        demo.ensure(labels, subject=subject)
+    return root
+
+
 def write_images(folder: Path, labels: Sequence[str], size: int = 40) -> Path:
     """Small distinct RGB PNGs ``<folder>/<label>.png``."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.io
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from pipeline_helpers import (
-    CONF,
     DEMO_LABELS,
     DGN_METHODS,
     METHODS,
@@ -40,6 +38,7 @@ from pipeline_helpers import (
     run_many,
     write_decoded_bdpy,
     write_decoded_caffe,
+    write_demo,
     write_images,
     write_std_ref,
 )
@@ -53,24 +52,8 @@ LBFGS = ("icnn_lbfgs", "icnn_dgn_lbfgs")
 # -- shared inputs -----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """The embedded demo for the tiny network, written once (in-process, exactly as a run
-    writes it: same encoder, same network id) for sub-01 and sub-02."""
-    from icnn_pl.config import build_encoder_from_cfg, register_resolvers
-    from icnn_pl.data.demo import Demo
-
-    root = tmp_path_factory.getbasetemp() / "pipeline-demo"
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, f"data.root={root}"])
-    encoder, network_id = build_encoder_from_cfg(cfg)
-    demo = Demo(root, encoder, network_id)
-    for subject in (1, 2):
-        # Work-around for test_demo_second_subject_after_cached_true_features (units): the
-        # decoded features of a subject written after the true features were cached get a
-        # spurious leading axis, so start each subject from uncached true features.
-        shutil.rmtree(demo.true_dir, ignore_errors=True)
-        demo.ensure(DEMO_LABELS, subject=subject)
-    return root
+    """The embedded demo for the tiny network, written once, for sub-01 and sub-02."""
+    return write_demo(tmp_path_factory.getbasetemp() / "pipeline-demo", DEMO_LABELS, (1, 2))
 
 
 @pytest.fixture(scope="session")
