@@ -276,6 +276,24 @@ def test_bdpy_generator_files_load(tmp_path, gen_meta, key_sets):
     _assert_loaded(gen, state)
 
 
+@pytest.mark.parametrize("arch", ["vgg19", "relu7"])
+def test_state_dict_of_bdpy_model_loads(tmp_path, arch):
+    """The file bdpy writes, ``torch.save(model.state_dict())``, with the key set of bdpy's
+    own classes (its generator lists each layer twice, both names on one tensor)."""
+    from bdpy.dl.torch import models
+
+    with torch.device("meta"):
+        bdpy_net = models.VGG19() if arch == "vgg19" else models.AlexNetGenerator(device="meta")
+    keys = list(bdpy_net.state_dict())
+    canonical = {k: f"{GEN_ALIASES.get(k.rsplit('.', 1)[0], k.rsplit('.', 1)[0])}."
+                    f"{k.rsplit('.', 1)[1]}" for k in keys}
+    state = _cheap_state({canonical[k]: tuple(v.shape)
+                          for k, v in bdpy_net.state_dict().items()}, seed=10)
+    torch.save({k: state[canonical[k]] for k in keys}, tmp_path / f"{arch}.pt")
+    assert len(keys) == (38 if arch == "vgg19" else 48)
+    _assert_loaded(build_network(arch, weights=tmp_path / f"{arch}.pt"), state)
+
+
 def test_generator_file_with_disagreeing_key_sets_fails(tmp_path, gen_meta):
     state = _cheap_state(_shapes(gen_meta), seed=5)
     bad = {**state, "deconv.0.weight": state["deconv5.weight"] + 1.0}
