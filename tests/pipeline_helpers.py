@@ -57,6 +57,15 @@ def run_cli(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedPr
                           text=True, timeout=timeout, env=child_env())
 
 
+def with_defaults(defaults: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``defaults`` then ``overrides``, dropping defaults whose key an override sets (Hydra
+    refuses a key given twice)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if "data" in keys:  # another data option: the demo's root is not its root
+        keys.add("data.root")
+    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def output_of(proc: subprocess.CompletedProcess | Mapping[str, Any]) -> str:
     if isinstance(proc, Mapping):
         return proc["out"] + proc["err"]

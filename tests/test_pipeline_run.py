@@ -36,6 +36,7 @@ from pipeline_helpers import (
     read_results,
     run_cli,
     run_many,
+    with_defaults,
     write_decoded_bdpy,
     write_decoded_caffe,
     write_demo,
@@ -72,14 +73,6 @@ def files_root(tmp_path_factory) -> dict[str, Path]:
 
 
 # -- the commands ------------------------------------------------------------------------------
-def with_defaults(defaults: list[str], overrides: list[str]) -> list[str]:
-    """``defaults`` then ``overrides``, dropping defaults whose key an override sets."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    if "data" in keys:  # another data option: the demo's root is not its root
-        keys.add("data.root")
-    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(overrides)
-
-
 def demo_args(demo: Path, *more: str) -> list[str]:
     return [*TINY, f"data.root={demo}", *more]
 
