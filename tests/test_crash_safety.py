@@ -9,12 +9,13 @@
 A failing image (reported, skipped, listed at the end, exit 1; ``fail_fast`` stops at the
 first) is in ``test_bad_input_catalogue.py`` (``features_nan``, ``features_nan_fail_fast``).
 
-Three images of 200 iterations each (~2 s per image here), one thread per process so the
+Three images of 100 iterations each (~1 s per image here), one thread per process so the
 reference run beside them is fast and deterministic.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,15 @@ class Job:
             time.sleep(0.02)
         return time.perf_counter()
 
+    def image_seconds(self, label: str, timeout: float = 30) -> float:
+        """How long ``label`` took, from the job's log line."""
+        pattern = re.compile(rf"{label}: final loss .* evaluations, ([0-9.]+) s")
+        end = time.perf_counter() + timeout
+        while not (m := pattern.search(self.text())):
+            assert time.perf_counter() < end, self.text()[-3000:]
+            time.sleep(0.02)
+        return float(m.group(1))
+
     def finish(self, timeout: float = 300) -> int:
         return self.proc.wait(timeout)
 
@@ -81,7 +91,7 @@ def job_args(tmp_path_factory) -> list[str]:
     base = tmp_path_factory.mktemp("crash-inputs")
     write_decoded_bdpy(base / "decoded", "sub-01", "VC", LABELS)
     return with_defaults(TINY, [
-        "method=icnn_gd", "method.n_iter=200", "layers=conv1", "logger=csv", "data=decoded",
+        "method=icnn_gd", "method.n_iter=100", "layers=conv1", "logger=csv", "data=decoded",
         f"data.root={base / 'decoded'}", f"data.std_ref={write_std_ref(base / 'std.mat')}"])
 
 
@@ -141,7 +151,7 @@ def test_ctrl_c_stops_after_the_iteration_and_the_same_command_resumes(
         job_args, reference, tmp_path):
     run = Job(job_args, tmp_path / "run")
     first = run.wait_for_first_image()
-    time.sleep(0.5)  # the second image is part-way through its iterations
+    time.sleep(0.3 * run.image_seconds(LABELS[0]))  # part-way through the second image
     sent = time.perf_counter()
     run.proc.send_signal(signal.SIGINT)
     assert run.finish(timeout=60) == 130, run.text()[-3000:]
