@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import io
+import logging
 import os
 import runpy
 import sys
@@ -215,7 +216,7 @@ class PeakMemory:
 def run_train_recon(args: Sequence[str]) -> float:
     """Run ``python train_recon.py *args`` in this process (as ``__main__``, exactly as the
     CLI does); returns its wall time in seconds. Raises if the job fails."""
-    argv = sys.argv
+    argv, handlers = sys.argv, list(logging.root.handlers)
     sys.argv = ["train_recon.py", *args]
     out = io.StringIO()
     t0 = time.perf_counter()
@@ -228,6 +229,10 @@ def run_train_recon(args: Sequence[str]) -> float:
                                ) from None
     finally:
         sys.argv = argv
+        # Hydra's handlers (a log file in the run directory) must not outlive the job.
+        for h in set(logging.root.handlers) - set(handlers):
+            logging.root.removeHandler(h)
+            h.close()
     return time.perf_counter() - t0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import logging
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -56,16 +55,6 @@ from icnn_pl.sweep import (
 from icnn_pl.targets import expected_shapes
 
 LABELS3 = ("astronaut", "chelsea", "coffee")  # 2 shards: [astronaut, coffee], [chelsea]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_stale_log_files():
-    """An in-process ``train_recon.py`` run earlier in the session (benchmarks/harness.py's
-    run_train_recon) leaves Hydra's file handler on the root logger; once its temporary
-    directory is gone, logging through it raises. Drop such handlers for these tests."""
-    for h in list(logging.root.handlers):
-        if isinstance(h, logging.FileHandler) and not Path(h.baseFilename).parent.is_dir():
-            logging.root.removeHandler(h)
 
 
 def compose_cfg(overrides: list[str]):
