@@ -391,7 +391,7 @@ def user_message(text: str) -> str:
     for i, line in enumerate(lines):
         if "Could not find" in line or line.startswith("Error"):
             options = []
-            for x in lines[i + 2:]:
+            for x in lines[i + 3:]:  # after a blank line and "Available options in ..."
                 if not x.startswith("\t"):  # the options end where the search path starts
                     break
                 options.append(x.strip())
