@@ -3,7 +3,8 @@
     python -m benchmarks.bench_iteration --iters 10 --repeats 3 --out benchmarks/results_cpu.csv
 
 VGG19 at 224x224 with all 19 layers, each method with its default config (``conf/``).
-Per method, interleaved (floor, icnn-pl, pipeline, bdpy, floor, ...), median of the repeats:
+Per method, interleaved (floor, icnn-pl, pipeline, bdpy, floor, ...), median of the repeats
+after one uncounted warm-up round:
 - floor: a bare forward to the deepest target layer and backward to the input (through
   the generator for DGN methods), with the l2 loss; no optimiser, logging or Lightning;
 - icnn-pl: the ``LightningModule`` with a lean Trainer, as the Python API runs it
@@ -35,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import (
-    PeakMemory,
     Setup,
     add_common_args,
     floor_seconds,
+    interleave,
     machine,
     method_setup,
     print_markdown,
@@ -137,21 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         candidates = {"floor": floor, "icnn-pl": icnn_pl}
         if not args.no_pipeline:
             candidates["pipeline"] = functools.partial(pipeline, timings=overheads)
-            if method == args.methods[0]:  # demo data and W&B warm-up, not timed
-                run_train_recon([f"method={method}", "method.n_iter=1", "logger=none", *overrides,
-                                 f"data.labels=[{DEMO_LABEL}]", "progress=false",
-                                 f"hydra.run.dir={tempfile.mkdtemp()}"])
         if not args.no_bdpy and "lbfgs" not in method:
             candidates["bdpy"] = bdpy_peer
             candidates["bdpy_defaults"] = functools.partial(bdpy_peer, snapshots=True)
-        times = {k: [] for k in candidates}
-        peaks = {k: [] for k in candidates}
-        for _ in range(args.repeats):
-            for name, fn in candidates.items():
-                with PeakMemory(args.device) as mem:
-                    times[name].append(fn(setup, targets, args.iters))
-                peaks[name].append(mem.peak_mb)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med, peaks = interleave(
+            {k: functools.partial(fn, setup, targets, args.iters) for k, fn in candidates.items()},
+            args.repeats, args.device)
         row = {"method": method, **{f"{k}_s": round(v, 4) for k, v in med.items()}}
         for k in ("icnn-pl", "pipeline"):
             if k in med:
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             row["bdpy_defaults_over_icnn-pl"] = round(med["bdpy_defaults"] / med["icnn-pl"], 3)
         if method in overheads:
             row["job_overhead_s"] = round(statistics.median(overheads[method]), 2)
-        row |= {f"{k}_peak_mb": round(max(v)) for k, v in peaks.items()}
+        row |= {f"{k}_peak_mb": round(v) for k, v in peaks.items()}
         rows.append(row)
         print(row, flush=True)
     print(f"\n{machine()}; {args.iters} iterations x {args.repeats} interleaved repeats"

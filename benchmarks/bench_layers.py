@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_layers --iters 10 --repeats 3 --out benchmarks/layers_cpu.csv
 
-For each layer set of ``conf/layers`` (paper Fig 4), interleaved, median of the repeats:
+For each layer set of ``conf/layers`` (paper Fig 4), interleaved, median of the repeats
+after one uncounted warm-up round:
 - ``full_net``: the bare forward through all of VGG19 and backward (no early stop), the
   cost every layer set would pay if the encoder ran the whole network;
 - ``floor``: the bare forward to the deepest target layer and backward;
@@ -14,7 +15,7 @@ follow ``floor_over_full_net`` (proportionally faster), and ``icnn-pl_over_floor
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 
 from benchmarks.bench_iteration import icnn_pl
@@ -22,6 +23,7 @@ from benchmarks.harness import (
     REPO,
     add_common_args,
     floor_seconds,
+    interleave,
     machine,
     method_setup,
     print_markdown,
@@ -57,14 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         "floor": lambda s, t, n: floor_seconds(s.encoder, t, n),
         "icnn-pl": icnn_pl,
     }
-    times = {(c, k): [] for c in cases for k in candidates}
-    for _ in range(args.repeats):
-        for case, (setup, targets) in cases.items():
-            for k, fn in candidates.items():
-                times[case, k].append(fn(setup, targets, args.iters))
+    times, _ = interleave({(c, k): functools.partial(fn, setup, targets, args.iters)
+                           for c, (setup, targets) in cases.items()
+                           for k, fn in candidates.items()}, args.repeats, args.device)
     rows = []
     for case, (setup, _) in cases.items():
-        med = {k: statistics.median(times[case, k]) for k in candidates}
+        med = {k: times[case, k] for k in candidates}
         rows.append({
             "layers": case, "n_layers": len(setup.layers), "deepest": setup.layers[-1],
             **{f"{k}_s": round(v, 4) for k, v in med.items()},

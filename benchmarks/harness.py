@@ -14,10 +14,11 @@ import io
 import logging
 import os
 import runpy
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,25 @@ class PeakMemory:
             self._thread.join()
             self.peak_mb = max(self._peak, rss_mb())
         self.extra_mb = self.peak_mb - self._base
+
+
+# -- timing -------------------------------------------------------------------------------
+def interleave(cases: Mapping[Hashable, Callable[[], float]], repeats: int, device: str,
+               warmup: bool = True) -> tuple[dict[Hashable, float], dict[Hashable, float]]:
+    """Run every case once per round for ``repeats`` rounds (after one uncounted warm-up
+    round: first-touch allocations, lazy inits), so that the machine's drift hits all cases
+    alike. Returns each case's median result and its largest peak memory (MB)."""
+    times: dict[Hashable, list[float]] = {k: [] for k in cases}
+    peaks: dict[Hashable, list[float]] = {k: [] for k in cases}
+    for round_ in range(repeats + int(warmup)):
+        for key, case in cases.items():
+            with PeakMemory(device) as mem:
+                seconds = case()
+            if round_ >= int(warmup):
+                times[key].append(seconds)
+                peaks[key].append(mem.peak_mb)
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: max(v) for k, v in peaks.items()})
 
 
 # -- the real entry point ------------------------------------------------------------------
