@@ -8,10 +8,12 @@ and the job goes on (unless ``fail_fast``).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +128,7 @@ def run_job(job: Job) -> JobSummary:
     bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
-    with interrupt.deferred_sigint():
+    with interrupt.deferred_sigint(), _long_lived_objects_frozen():
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
             try:
@@ -142,6 +144,19 @@ def run_job(job: Job) -> JobSummary:
             bar.update(len(batch.labels))
     bar.close()
     return _finish(job, rows, failures, done)
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the networks, libraries and config out of the garbage collector's scans while
+    the images run: ``fit`` collects after every image (to free the finished module), and
+    over these ~400k objects that would cost ~0.3 s instead of < 1 ms."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _finished(job: Job) -> list[str]:
