@@ -20,14 +20,12 @@ from benchmarks.harness import (
     Setup,
     add_common_args,
     interleave,
-    machine,
     method_setup,
-    print_markdown,
     reconstruct,
+    report,
     setup_run,
     sync,
     true_targets,
-    write_csv,
 )
 
 
@@ -65,10 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                          "images_per_s_at_200_iter": round(1.0 / (times[b] * 200), 4),
                          "peak_mb": round(peaks[b])})
             print(rows[-1], flush=True)
-    print(f"\n{machine()}; {args.iters} iterations x {args.repeats} interleaved repeats"
-          " (median)\n")
-    print_markdown(rows)
-    write_csv(rows, args.out)
+    report(rows, f"{args.iters} iterations x {args.repeats} interleaved repeats (median)",
+           args.out)
 
 
 if __name__ == "__main__":

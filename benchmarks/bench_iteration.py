@@ -40,16 +40,14 @@ from benchmarks.harness import (
     add_common_args,
     floor_seconds,
     interleave,
-    machine,
     method_setup,
-    print_markdown,
     read_csv,
     reconstruct,
+    report,
     run_train_recon,
     setup_run,
     sync,
     true_targets,
-    write_csv,
 )
 
 METHODS = ("icnn_gd", "icnn_dgn_gd", "icnn_lbfgs", "icnn_dgn_lbfgs")
@@ -156,10 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         row |= {f"{k}_peak_mb": round(v) for k, v in peaks.items()}
         rows.append(row)
         print(row, flush=True)
-    print(f"\n{machine()}; {args.iters} iterations x {args.repeats} interleaved repeats"
-          " (median); seconds per iteration (L-BFGS: per function evaluation)\n")
-    print_markdown(rows)
-    write_csv(rows, args.out)
+    report(rows, f"{args.iters} iterations x {args.repeats} interleaved repeats (median);"
+           " seconds per iteration (L-BFGS: per function evaluation)", args.out)
 
 
 if __name__ == "__main__":

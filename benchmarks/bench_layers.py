@@ -24,12 +24,10 @@ from benchmarks.harness import (
     add_common_args,
     floor_seconds,
     interleave,
-    machine,
     method_setup,
-    print_markdown,
+    report,
     setup_run,
     true_targets,
-    write_csv,
 )
 
 LAYER_SETS = ("all", "conv1-5_fc6_fc7", "conv", "conv1-5", "conv1-3", "conv1")
@@ -73,10 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             "icnn-pl_over_floor": round(med["icnn-pl"] / med["floor"], 3),
         })
         print(rows[-1], flush=True)
-    print(f"\n{machine()}; icnn_gd, {args.iters} iterations x {args.repeats} interleaved"
-          " repeats (median), seconds per iteration\n")
-    print_markdown(rows)
-    write_csv(rows, args.out)
+    report(rows, f"icnn_gd, {args.iters} iterations x {args.repeats} interleaved repeats"
+           " (median), seconds per iteration", args.out)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,10 @@ from PIL import Image
 from benchmarks.harness import (
     PeakMemory,
     add_common_args,
-    machine,
-    print_markdown,
+    report,
     rss_mb,
     run_train_recon,
     setup_run,
-    write_csv,
 )
 from icnn_pl.data.demo import STIMULI, load_stimulus
 
@@ -98,13 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     key = "cuda_allocated_mb" if cuda else "rss_mb"
     half = rows[len(rows) // 2:]
     slope = np.polyfit([r["image"] for r in half], [r[key] for r in half], 1)[0]
-    print_markdown(rows)
-    print(f"\n{machine()}; {args.method}, {args.images} images x {args.iters} iterations, "
-          f"job wall {wall:.0f} s; peak {'CUDA allocated' if cuda else 'RSS'} "
-          f"{peak.peak_mb:.0f} MB; {key} after image 1: {rows[0][key]:.0f} MB, after image "
-          f"{rows[-1]['image']}: {rows[-1][key]:.0f} MB; growth over the second half: "
-          f"{slope:+.2f} MB per image")
-    write_csv(rows, args.out)
+    report(rows, f"{args.method}, {args.images} images x {args.iters} iterations, job wall"
+           f" {wall:.0f} s; peak {'CUDA allocated' if cuda else 'RSS'} {peak.peak_mb:.0f} MB;"
+           f" {key} after image 1: {rows[0][key]:.0f} MB, after image {rows[-1]['image']}:"
+           f" {rows[-1][key]:.0f} MB; growth over the second half: {slope:+.2f} MB per image",
+           args.out)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,13 @@ import torch
 
 from benchmarks.harness import (
     add_common_args,
-    machine,
     method_setup,
-    print_markdown,
     reconstruct,
+    report,
     setup_run,
     stimulus,
     sync,
     true_targets,
-    write_csv,
 )
 from icnn_pl.image import display_image
 from icnn_pl.metrics import pixel_correlation
@@ -124,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pixel_r": round(pixel_correlation(display_image(image), true), 3),
             })
             print(rows[-1], flush=True)
-    print(f"\n{machine()}; reference {args.iters} iterations, alternatives {args.budget}\n")
-    print_markdown(rows)
-    write_csv(rows, args.out)
+    report(rows, f"reference {args.iters} iterations, alternatives {args.budget}", args.out)
 
 
 if __name__ == "__main__":

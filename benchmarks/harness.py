@@ -262,6 +262,13 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # -- tables -------------------------------------------------------------------------------
+def report(rows: Sequence[Mapping[str, Any]], settings: str, out: Path | None) -> None:
+    """Print what the table was measured on and the table (Markdown); write it as CSV."""
+    print(f"\n{machine()}; {settings}\n")
+    print_markdown(rows)
+    write_csv(rows, out)
+
+
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | None) -> None:
     if not path or not rows:
         return
