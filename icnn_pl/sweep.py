@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import socket
 import sys
 import time
@@ -281,12 +282,9 @@ def write_best_config(sweep_dir: str | os.PathLike,
     header = [f"# Best trial of the Optuna sweep {sweep_dir}",
               f"# objective: {results.get('best_value')} (its run directory: {job['dir']})",
               f"# best_params: {json.dumps(results.get('best_params'))}",
-              "# rerun it: python train_recon.py " + " ".join(map(_quote, job["overrides"]))]
+              "# rerun it: python train_recon.py " + " ".join(map(shlex.quote, job["overrides"]))]
     path = sweep_dir / BEST_CONFIG
     write_text_atomic(path, "\n".join(header) + "\n" + config.read_text())
     log.info("best trial (objective %s): %s", results.get("best_value"), path)
     return path
 
-
-def _quote(override: str) -> str:
-    return f"'{override}'" if any(c in override for c in " []()*?$") else override
