@@ -145,6 +145,13 @@ def _check_method(cfg: DictConfig) -> None:
 
 def _check_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
+    accel = str(t.accelerator)
+    if accel not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accel!r} is not valid",
+                          "use trainer=auto (GPU when present), trainer=cpu or trainer=gpu")
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accel} but this machine has no usable CUDA GPU",
+                          "use trainer=auto (GPU when present) or trainer=cpu")
     if t.get("precision") not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r} is not supported",
                           f"use one of {PRECISIONS} (null: full float32)")
@@ -187,13 +194,6 @@ def _check_choices(cfg: DictConfig) -> None:
                  and g.lower < g.upper):
         raise ConfigError(f"generator bounds lower={g.lower!r}, upper={g.upper!r} are not a range",
                           "set generator.lower < generator.upper (default 0 and 100)")
-    accel = str(cfg.trainer.accelerator)
-    if accel not in ACCELERATORS:
-        raise ConfigError(f"trainer.accelerator={accel!r} is not valid",
-                          "use trainer=auto (GPU when present), trainer=cpu or trainer=gpu")
-    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={accel} but this machine has no usable CUDA GPU",
-                          "use trainer=auto (GPU when present) or trainer=cpu")
 
 
 def _check_data(cfg: DictConfig) -> None:
