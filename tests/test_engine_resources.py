@@ -1,5 +1,6 @@
 """What keeps the hot loop lean and memory flat: freed modules and hooks, frozen nets,
-targets on the module's device, and the reduced-precision options (bf16, TF32).
+targets on the module's device, and the reduced-precision options (bf16, TF32; their
+config keys are tested in test_pipeline_config.py).
 
 No timings here: speed is measured by ``benchmarks/`` side by side against a baseline.
 """
@@ -12,13 +13,8 @@ import numpy as np
 import pytest
 import torch
 from engine_helpers import TinyGenerator, tiny_encoder, tiny_targets
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-from pipeline_helpers import CONF
 
 from icnn_pl.build import build_reconstruction
-from icnn_pl.config import build_job, check_config
-from icnn_pl.errors import ConfigError
 from icnn_pl.optim import GDSteps, Linear, ScipyLBFGSB
 from icnn_pl.runner import fit, make_trainer
 
@@ -26,11 +22,6 @@ GD = {"optimizer": partial(torch.optim.SGD, lr=2.0, momentum=0.9), "n_iter": 4,
       "schedules": {"lr": Linear(2.0, 1e-10)},
       "steps": GDSteps(decay=Linear(0.2, 1e-10), blur_sigma=Linear(2.0, 0.5))}
 LBFGS = {"optimizer": partial(ScipyLBFGSB, maxiter=4), "n_iter": 4, "pixel_bounds": True}
-
-
-def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def _targets():
@@ -93,21 +84,3 @@ def test_tf32_is_off_unless_asked_for():
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
 
-
-@pytest.mark.parametrize(("override", "key"), [
-    ("trainer.precision=8-bit", "trainer.precision"),
-    ("trainer.precision=16", "trainer.precision"),
-    ("trainer.tf32=maybe", "trainer.tf32"),
-])
-def test_precision_options_are_checked_with_the_config(override, key):
-    with pytest.raises(ConfigError) as err:
-        check_config(_compose(override))
-    assert key in str(err.value) and err.value.fix
-
-
-@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.tf32=true"])
-def test_precision_options_reach_the_trainer(override, tmp_path):
-    cfg = _compose(override, "logger=none", "method=icnn_gd", "network.input_size=[32,32]")
-    args = build_job(cfg, tmp_path).trainer_args
-    assert args.get("precision") == cfg.trainer.precision
-    assert args.get("tf32", False) == cfg.trainer.tf32

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline_helpers import CONF, METHODS
 
 from icnn_pl import config as config_mod
@@ -366,12 +366,25 @@ def test_subject_ids():
     (["data=decoded", "data.root=/nonexistent"], "data.root"),
     (["data=decoded", "data.root=/"], "data.std_ref"),
     (["data=decoded_caffe", "data.root=/", "data.std_ref=/nonexistent.mat"], "data.std_ref"),
+    (["trainer.precision=8-bit"], "trainer.precision"),
+    (["trainer.precision=16"], "trainer.precision"),
+    (["trainer.tf32=maybe"], "trainer.tf32"),
 ])
 def test_check_config_rejects(overrides, key):
     with pytest.raises(ConfigError) as err:
         config_mod.check_config(make(*overrides))
     assert key in str(err.value)
     assert err.value.fix  # every error says how to fix it
+
+
+@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.tf32=true"])
+def test_precision_options_reach_the_trainer(override, tmp_path):
+    cfg = make(override, "logger=none", "method=icnn_gd", "network.input_size=[32,32]")
+    with open_dict(cfg):
+        del cfg["hydra"]  # build_job gets the job's config, as train_recon.py's main does
+    args = config_mod.build_job(cfg, tmp_path).trainer_args
+    assert args.get("precision") == cfg.trainer.precision
+    assert args.get("tf32", False) == cfg.trainer.tf32
 
 
 def test_check_config_accepts_decoded_without_std_correction(tmp_path):
