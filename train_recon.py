@@ -3,7 +3,7 @@
 Thin Hydra entry point: compose the config, build the job, run it. Returns the job's
 objective (mean pixel correlation, or mean final loss without true images) for sweepers.
 In a sweep (``-m``) a failed job raises instead of exiting, so the other jobs still run
-(``icnn_pl.sweep``).
+(``icnn_pl.pipeline.failures``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from icnn_pl.config import build_job, register_resolvers
 from icnn_pl.errors import IcnnError
-from icnn_pl.loggers import finish
-from icnn_pl.pipeline import run_job
-from icnn_pl.sweep import end_failed_job
+from icnn_pl.pipeline.factory import build_job, register_resolvers
+from icnn_pl.pipeline.failures import end_failed_job
+from icnn_pl.pipeline.job import run_job
+from icnn_pl.pipeline.loggers import finish
 
 register_resolvers()
 log = logging.getLogger("train_recon")

@@ -37,7 +37,7 @@ from benchmarks.harness import (
     true_targets,
 )
 from icnn_pl.image import display_image
-from icnn_pl.metrics import pixel_correlation
+from icnn_pl.review.metrics import pixel_correlation
 
 
 @dataclass

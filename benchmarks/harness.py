@@ -1,7 +1,7 @@
 """What the benchmarks share: the pipeline's own configs, targets, the floor, memory peaks.
 
 Every benchmark builds its reconstructions from the composed Hydra config (``conf/``),
-through the same ``build_recipe``/``build_reconstruction`` as ``train_recon.py``, so it
+through the same ``build_recipe`` and ``Recipe.build`` as ``train_recon.py``, so it
 measures the defaults users run, not a hand-written copy of them.
 """
 
@@ -29,13 +29,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import nn
 
-from icnn_pl.build import build_reconstruction
-from icnn_pl.config import build_encoder_from_cfg, build_recipe
+from icnn_pl.engine.fit import device_trainer_args, fit
+from icnn_pl.engine.recipe import Recipe
+from icnn_pl.engine.reconstruction import ReconResult
 from icnn_pl.image import to_caffe
-from icnn_pl.module import ReconResult
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.nets.generator import center_crop
-from icnn_pl.runner import device_trainer_args, fit
+from icnn_pl.pipeline.factory import build_encoder_from_cfg, build_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,12 +70,12 @@ class Setup:
     method: str
     cfg: DictConfig
     encoder: FeatureEncoder
-    recipe: dict[str, Any]
+    recipe: Recipe
     overrides: list[str]  # besides method and n_iter: for the same job via train_recon.py
 
     @property
     def generator(self) -> nn.Module | None:
-        return self.recipe.get("generator")
+        return self.recipe.generator
 
     @property
     def layers(self) -> list[str]:
@@ -89,9 +89,9 @@ def method_setup(method: str, n_iter: int, device: str, overrides: Sequence[str]
     if encoder is None:
         encoder, _ = build_encoder_from_cfg(cfg)
     encoder.to(device)
-    recipe = build_recipe(cfg, encoder)
-    if recipe.get("generator") is not None:
-        recipe["generator"].to(device)
+    recipe = build_recipe(cfg)
+    if recipe.generator is not None:
+        recipe.generator.to(device)
     return Setup(method, cfg, encoder, recipe, list(overrides))
 
 
@@ -116,7 +116,7 @@ def reconstruct(setup: Setup, targets: Mapping[str, torch.Tensor],
                 on_eval: Callable[[], None] | None = None, **trainer_kwargs: Any) -> ReconResult:
     """One reconstruction with the method's recipe; ``on_eval`` runs after each loss;
     ``trainer_kwargs`` go to ``make_trainer`` (``precision``, ``tf32``)."""
-    module = build_reconstruction(targets, setup.encoder, **setup.recipe)
+    module = setup.recipe.build(targets, setup.encoder)
     if on_eval is not None:
         compute = module.compute_loss
 

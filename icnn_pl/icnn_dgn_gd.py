@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from icnn_pl.api import layer_weight_mode, reconstruct
-from icnn_pl.optim import GDSteps, Linear
+from icnn_pl.engine.functional import layer_weight_mode, reconstruct
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.schedules import Linear
 
 
 def reconstruct_image(

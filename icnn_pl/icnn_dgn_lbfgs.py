@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from icnn_pl.api import layer_weight_mode, reconstruct
-from icnn_pl.optim import ScipyLBFGSB
+from icnn_pl.engine.functional import layer_weight_mode, reconstruct
+from icnn_pl.engine.lbfgsb import ScipyLBFGSB
 
 
 def reconstruct_image(

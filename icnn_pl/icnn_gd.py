@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from icnn_pl.api import layer_weight_mode, reconstruct
-from icnn_pl.optim import Clipping, GDSteps, Linear, Regularizer
+from icnn_pl.engine.functional import layer_weight_mode, reconstruct
+from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
+from icnn_pl.engine.schedules import Linear
 
 
 def reconstruct_image(

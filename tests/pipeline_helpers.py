@@ -121,8 +121,8 @@ def write_demo(root: Path, labels: Sequence[str] = DEMO_LABELS,
 
     from hydra import compose, initialize_config_dir
 
-    from icnn_pl.config import build_encoder_from_cfg, register_resolvers
     from icnn_pl.data.demo import Demo
+    from icnn_pl.pipeline.factory import build_encoder_from_cfg, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -318,7 +318,7 @@ def make_inputs(base: Path) -> dict[str, Path]:
 
 def finish_image(run_dir: Path, subject: str) -> Path:
     """``img_a`` as an earlier run left it."""
-    from icnn_pl.outputs import ReconOutputs
+    from icnn_pl.pipeline.outputs import ReconOutputs
 
     out = ReconOutputs(run_dir, subject, "VC")
     image = np.random.default_rng(7).uniform(0, 255, (SIZE, SIZE, 3))

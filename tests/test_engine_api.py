@@ -30,13 +30,14 @@ from engine_helpers import (
 from torch import nn
 
 from icnn_pl import icnn_dgn_gd, icnn_dgn_lbfgs, icnn_gd, icnn_lbfgs
-from icnn_pl.build import build_reconstruction
+from icnn_pl.engine.fit import fit
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.objective import LOSSES, layer_weights, make_mask
+from icnn_pl.engine.recipe import build_reconstruction
+from icnn_pl.engine.reconstruction import Reconstruction
+from icnn_pl.engine.schedules import Linear
 from icnn_pl.errors import ConfigError, DataError
-from icnn_pl.module import Reconstruction
 from icnn_pl.nets import FeatureEncoder
-from icnn_pl.objective import LOSSES, layer_weights, make_mask
-from icnn_pl.optim import GDSteps, Linear
-from icnn_pl.runner import fit
 
 
 def _first_loss(targets, weights, masks=None, init=None, loss=None):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from engine_helpers import TinyGenerator, rgb_image, tiny_encoder, tiny_targets
 
-from icnn_pl.build import build_reconstruction
-from icnn_pl.objective import layer_weights
-from icnn_pl.optim import GDSteps, Linear
-from icnn_pl.runner import fit
+from icnn_pl.engine.fit import fit
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.objective import layer_weights
+from icnn_pl.engine.recipe import build_reconstruction
+from icnn_pl.engine.schedules import Linear
 
 LABELS = ["im_a", "im_b", "im_c"]
 

@@ -1,5 +1,6 @@
 """Gradient-descent methods (icnn_gd, icnn_dgn_gd) against an independent restatement of
-the reference per-iteration algorithm, plus the per-step operations of ``icnn_pl.optim``."""
+the reference per-iteration algorithm, plus the per-step operations of
+``icnn_pl.engine.icnn_steps``."""
 
 from __future__ import annotations
 
@@ -27,13 +28,12 @@ from engine_helpers import (
 )
 from scipy.ndimage import gaussian_filter
 
-import icnn_pl.optim as optim_mod
+import icnn_pl.engine.icnn_steps as optim_mod
+import icnn_pl.engine.schedules as schedules_mod
 from icnn_pl import icnn_dgn_gd, icnn_dgn_lbfgs, icnn_gd, icnn_lbfgs
-from icnn_pl.nets import FeatureEncoder
-from icnn_pl.optim import (
+from icnn_pl.engine.icnn_steps import (
     Clipping,
     GDSteps,
-    Linear,
     clip_extreme_,
     clip_small_contribution_,
     clip_small_norm_,
@@ -41,7 +41,9 @@ from icnn_pl.optim import (
     p_norm_grad,
     tv_norm_grad,
 )
-from icnn_pl.params import PixelImage
+from icnn_pl.engine.params import PixelImage
+from icnn_pl.engine.schedules import Linear
+from icnn_pl.nets import FeatureEncoder
 
 
 # --------------------------------------------------------------------------- reference loops
@@ -431,8 +433,8 @@ def test_clipping_options_run_end_to_end():
 
 
 def test_image_ops_are_refused_for_generator_codes():
+    from icnn_pl.engine.params import GeneratorCode
     from icnn_pl.errors import ConfigError
-    from icnn_pl.params import GeneratorCode
 
     code = GeneratorCode(torch.zeros(1, 8), TinyGenerator(), SIZE, 0.0, 1.0)
     with pytest.raises(ConfigError, match="blur"):
@@ -457,7 +459,7 @@ def test_linear_schedule():
     sched = Linear(2.0, 1e-10)
     assert sched.at(0, 200) == 2.0
     assert sched.at(199, 200) == pytest.approx(0.01, rel=1e-6)  # the last lr of 200 iterations
-    assert [optim_mod.linear(v) for v in (0.5, (1, 2), {"start": 3, "end": 4}, None)] == \
+    assert [schedules_mod.as_schedule(v) for v in (0.5, (1, 2), {"start": 3, "end": 4}, None)] == \
         [Linear(0.5, 0.5), Linear(1.0, 2.0), Linear(3.0, 4.0), None]
 
 

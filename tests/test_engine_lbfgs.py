@@ -25,10 +25,10 @@ from engine_helpers import (
 )
 
 from icnn_pl import icnn_dgn_lbfgs, icnn_lbfgs
-from icnn_pl.build import build_reconstruction
+from icnn_pl.engine.fit import fit
+from icnn_pl.engine.lbfgsb import ScipyLBFGSB
+from icnn_pl.engine.recipe import build_reconstruction
 from icnn_pl.errors import ConfigError
-from icnn_pl.optim import ScipyLBFGSB
-from icnn_pl.runner import fit
 
 ACT_RANGE = "/work/shared/reference/act_range_3x_fc7.txt"
 
@@ -162,7 +162,7 @@ def _lbfgs_module(maxiter, scale=1.0, loss_scale="grad", **kw):
 @pytest.mark.parametrize("maxiter", [1, 5, 15])
 def test_n_evals_matches_scipy_nfev_and_maxiter(maxiter):
     module, made = _lbfgs_module(maxiter)
-    assert module.n_steps == 1  # one trainer step runs the whole minimisation
+    assert module.trainer_steps == 1  # one trainer step runs the whole minimisation
     res = fit(module)
     (opt,) = made
     assert opt.result.nit == maxiter  # did not converge early ...

@@ -14,9 +14,11 @@ import pytest
 import torch
 from engine_helpers import TinyGenerator, tiny_encoder, tiny_targets
 
-from icnn_pl.build import build_reconstruction
-from icnn_pl.optim import GDSteps, Linear, ScipyLBFGSB
-from icnn_pl.runner import fit, make_trainer
+from icnn_pl.engine.fit import fit, make_trainer
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.lbfgsb import ScipyLBFGSB
+from icnn_pl.engine.recipe import build_reconstruction
+from icnn_pl.engine.schedules import Linear
 
 GD = {"optimizer": partial(torch.optim.SGD, lr=2.0, momentum=0.9), "n_iter": 4,
       "schedules": {"lr": Linear(2.0, 1e-10)},

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icnn_pl.evaluate import (
+from icnn_pl.evaluate import main
+from icnn_pl.image import load_rgb
+from icnn_pl.pipeline.outputs import ReconOutputs, write_table
+from icnn_pl.review.compare import (
     SCORED_ON_NOTE,
     compare,
     comparison_gallery,
-    find_runs,
-    main,
     score_run,
     summarize,
     write_job_metrics,
 )
-from icnn_pl.gallery import gallery_size
-from icnn_pl.image import load_rgb
-from icnn_pl.metrics import score_images
-from icnn_pl.outputs import ReconOutputs, write_table
+from icnn_pl.review.gallery import gallery_size
+from icnn_pl.review.metrics import score_images
+from icnn_pl.review.runs import find_runs
 
 LABELS = ["img_a", "img_b", "img_c", "img_d", "img_e"]
 SIZE = (32, 32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from engine_helpers import rgb_image, tiny_encoder, tiny_targets
 
-from icnn_pl.feature_fit import identification_by_features, image_feature_fit, summarize_fit
+from icnn_pl.review.feature_fit import identification_by_features, image_feature_fit, summarize_fit
 
 
 def test_perfect_reconstruction_fits_targets_and_true_features():

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from icnn_pl.errors import DataError
-from icnn_pl.gallery import (
+from icnn_pl.review.gallery import (
     MISSING,
     gallery_size,
     loss_curves_image,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from icnn_pl.errors import ConfigError, DataError
-from icnn_pl.metrics import (
+from icnn_pl.review.metrics import (
     correlation_matrix,
     display_image,
     euclidean_distance_matrix,

@@ -18,12 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline_helpers import CONF, METHODS
 
-from icnn_pl import config as config_mod
 from icnn_pl import icnn_dgn_gd, icnn_dgn_lbfgs, icnn_gd, icnn_lbfgs
 from icnn_pl.data.readers import subject_id
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.lbfgsb import ScipyLBFGSB
+from icnn_pl.engine.schedules import Linear
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets import ARCHITECTURES
-from icnn_pl.optim import GDSteps, Linear, ScipyLBFGSB
+from icnn_pl.pipeline import factory as config_mod
 
 GROUPS = ("method", "optimizer", "network", "generator", "layers", "layer_weights", "data",
           "logger", "trainer", "experiment")
@@ -160,7 +162,7 @@ def test_build_steps_optional_blocks():
 def test_logger_options_instantiate(option, tmp_path):
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from icnn_pl.loggers import make_logger
+    from icnn_pl.pipeline.loggers import make_logger
 
     lg = make(f"logger={option}").logger
     if option == "wandb":  # started for real in test_pipeline_run.py; here: its mode check
@@ -177,7 +179,7 @@ def test_logger_options_instantiate(option, tmp_path):
 
 @pytest.mark.parametrize("option", OPTIONS["trainer"])
 def test_trainer_options_instantiate(option):
-    from icnn_pl.runner import make_trainer
+    from icnn_pl.engine.fit import make_trainer
 
     t = make(f"trainer={option}").trainer
     if t.accelerator == "gpu" and not torch.cuda.is_available():
@@ -189,7 +191,7 @@ def test_trainer_options_instantiate(option):
 
 @pytest.mark.parametrize("option", OPTIONS["layer_weights"])
 def test_layer_weights_options(option):
-    from icnn_pl.objective import layer_weights
+    from icnn_pl.engine.objective import layer_weights
 
     mode = make(f"layer_weights={option}").layer_weights.mode
     targets = {"a": torch.ones(2, 4), "b": torch.full((2, 3), 2.0)}

@@ -17,16 +17,17 @@ import torch
 from PIL import Image
 from pipeline_helpers import TINY_SIZE, MemorySource, tiny_encoder
 
-from icnn_pl import build as build_mod
-from icnn_pl import pipeline as pipeline_mod
 from icnn_pl.data.datamodule import ReconDataModule, select_labels
 from icnn_pl.data.images import ImageFolder
+from icnn_pl.engine import recipe as build_mod
+from icnn_pl.engine.fit import fit
+from icnn_pl.engine.recipe import Recipe
+from icnn_pl.engine.reconstruction import Reconstruction
+from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.errors import ConfigError, DataError
-from icnn_pl.module import Reconstruction
-from icnn_pl.outputs import ReconOutputs, read_table, write_table
-from icnn_pl.pipeline import Job, run_job
-from icnn_pl.runner import fit
-from icnn_pl.targets import expected_shapes
+from icnn_pl.pipeline import job as pipeline_mod
+from icnn_pl.pipeline.job import Job, run_job
+from icnn_pl.pipeline.outputs import ReconOutputs, read_table, write_table
 
 LABELS = ["img_a", "img_b", "img_c"]
 LAYERS = ["c1", "c2", "fc"]
@@ -176,7 +177,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
 def test_ctrl_c_first_requests_a_stop_second_interrupts():
     import signal
 
-    from icnn_pl import interrupt
+    from icnn_pl.engine import interrupt
 
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
@@ -249,11 +250,7 @@ def test_write_table_json_with_nan(tmp_path):
 
 # -- image seeds --------------------------------------------------------------------------------
 def image_seed(seed: int, label: str) -> int:
-    """The per-image seed, wherever it lives (icnn_pl.build, formerly icnn_pl.pipeline)."""
-    fn = getattr(build_mod, "image_seed", None)
-    if fn is not None:
-        return fn(seed, label)
-    return pipeline_mod.image_seed(seed, [label])
+    return build_mod.image_seed(seed, label)
 
 
 def test_image_seed_is_deterministic_and_distinct():
@@ -276,8 +273,8 @@ def make_job(encoder, run_dir, *, labels=LABELS, broken=(), stimuli=None, resume
     source = MemorySource(encoder, labels, LAYERS, broken=broken)
     shapes = expected_shapes(encoder, LAYERS)
     dm = ReconDataModule(source, shapes, stimuli=stimuli, labels=order, batch_size=batch_size)
-    recipe = {"optimizer": functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
-              "n_iter": n_iter, "init": "uniform"}
+    recipe = Recipe(functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
+                 n_iter=n_iter, init="uniform")
     job = Job(datamodule=dm, encoder=encoder, recipe=recipe,
               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny_gd",
               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
@@ -424,7 +421,7 @@ def test_demo_negative_limit_fails_before_writing(tmp_path):
     from hydra import compose, initialize_config_dir
     from pipeline_helpers import CONF
 
-    from icnn_pl.config import build_datamodule, register_resolvers
+    from icnn_pl.pipeline.factory import build_datamodule, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

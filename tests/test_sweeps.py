@@ -40,19 +40,15 @@ from pipeline_helpers import (
     write_demo,
 )
 
-from icnn_pl.config import register_resolvers
 from icnn_pl.data.datamodule import ReconDataModule, select_labels
-from icnn_pl.outputs import ReconOutputs
-from icnn_pl.pipeline import Job, run_job
-from icnn_pl.sweep import (
-    JobFailed,
-    SweepSummary,
-    read_records,
-    results_dir,
-    shard_dir,
-    write_sweep_summary,
-)
-from icnn_pl.targets import expected_shapes
+from icnn_pl.engine.recipe import Recipe
+from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.pipeline.factory import register_resolvers
+from icnn_pl.pipeline.failures import JobFailed
+from icnn_pl.pipeline.job import Job, run_job
+from icnn_pl.pipeline.outputs import ReconOutputs
+from icnn_pl.pipeline.run_dirs import results_dir, shard_dir
+from icnn_pl.pipeline.sweep_summary import SweepSummary, read_records, write_sweep_summary
 
 LABELS3 = ("astronaut", "chelsea", "coffee")  # 2 shards: [astronaut, coffee], [chelsea]
 
@@ -99,8 +95,8 @@ def test_shard_directories():
 def shard_job(encoder, run_dir: Path, source, num_shards: int, shard: int) -> Job:
     dm = ReconDataModule(source, expected_shapes(encoder, ["c1", "c2", "fc"]),
                          num_shards=num_shards, shard=shard)
-    recipe = {"optimizer": functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
-              "n_iter": 2, "init": "uniform"}
+    recipe = Recipe(functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
+                 n_iter=2, init="uniform")
     return Job(datamodule=dm, encoder=encoder, recipe=recipe,
                outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny_gd",
                subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},

@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from icnn_pl.data.images import ImageFolder
+from icnn_pl.data.std_correction import std_correct
+from icnn_pl.engine.objective import layer_weights
+from icnn_pl.engine.targets import stack_targets
 from icnn_pl.errors import ConfigError, DataError, IcnnError
-from icnn_pl.objective import layer_weights
-from icnn_pl.targets import stack_targets, std_correct
 
 
 class FeatureSource(Protocol):
@@ -38,11 +39,27 @@ class TargetBatch:
     true_images: list[np.ndarray | None]  # (H, W, 3) RGB 0-255 per image, or None
 
 
+def check_selection(limit: Any = None, num_shards: Any = 1, shard: Any = 0,
+                    batch_size: Any = 1) -> None:
+    """Which images a job runs and how many at once: ``data.limit`` (None: all),
+    ``data.num_shards`` / ``data.shard``, ``data.batch_size``."""
+    for key, v in (("limit", limit), ("batch_size", batch_size), ("num_shards", num_shards)):
+        if (v is not None or key != "limit") and (
+                not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
+            hint = f"set data.{key}=1 or more" + (" (or null)" if key == "limit" else "")
+            raise ConfigError(f"data.{key}={v!r} must be a positive integer", hint)
+    if not isinstance(shard, int | np.integer) or isinstance(shard, bool) \
+            or not 0 <= shard < num_shards:
+        raise ConfigError(f"data.shard={shard!r} is not in 0..{num_shards - 1}",
+                          "use 0 <= data.shard < data.num_shards")
+
+
 def select_labels(
     available: Sequence[str], labels: Sequence[str] | None = None, limit: int | None = None,
     num_shards: int = 1, shard: int = 0,
 ) -> list[str]:
     """Pick labels (explicit list, then ``limit``, then shard ``shard`` of ``num_shards``)."""
+    check_selection(limit, num_shards, shard)
     available = list(available)
     if labels:
         missing = [lab for lab in labels if lab not in available]
@@ -53,12 +70,7 @@ def select_labels(
     else:
         chosen = available
     if limit is not None:
-        if int(limit) <= 0:
-            raise ConfigError(f"data.limit must be positive, got {limit}", "set data.limit >= 1")
         chosen = chosen[: int(limit)]
-    if not (int(num_shards) >= 1 and 0 <= int(shard) < int(num_shards)):
-        raise ConfigError(f"shard {shard} of {num_shards} is not valid",
-                          "use data.num_shards >= 1 and 0 <= data.shard < data.num_shards")
     # Strided split: deterministic, disjoint, and the union is every label.
     return chosen[int(shard)::int(num_shards)]
 
@@ -91,7 +103,7 @@ class ReconDataModule(pl.LightningDataModule):
     Args:
         source: a feature reader (decoded, Caffe-era, true, demo or image features).
         shapes: expected per-image shape of each target layer, in forward order
-            (``icnn_pl.targets.expected_shapes``).
+            (``icnn_pl.engine.targets.expected_shapes``).
         weights: layer weighting (``inverse_norm``, ``uniform`` or a dict).
         std_correction / ref_std / train_mean: decoded-feature scaling (``std_correct``).
         stimuli: images whose stems are the labels (true images for evaluation).
@@ -117,9 +129,7 @@ class ReconDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}",
-                              "set data.batch_size=1 (or more for GD methods)")
+        check_selection(limit, num_shards, shard, batch_size)
         self.source = source
         self.shapes = dict(shapes)
         self.weights = weights

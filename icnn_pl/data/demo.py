@@ -24,10 +24,10 @@ from PIL import Image
 from icnn_pl.atomic import atomic_path, write_text_atomic
 from icnn_pl.data.matio import load_mat, save_mat
 from icnn_pl.data.readers import subject_id
+from icnn_pl.data.std_correction import feature_std
 from icnn_pl.errors import ConfigError
 from icnn_pl.image import to_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
-from icnn_pl.targets import feature_std
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,15 @@ NOISE = 0.5  # white noise std, as a multiple of each layer's feature std
 # Part of the demo folder's key: a change of the simulation gets a fresh folder.
 DEMO_VERSION = 2
 ROI = "VC"
+
+
+def demo_subject(subject: int | str) -> str:
+    """The demo's id of ``subject`` (``sub-01`` .. ``sub-03``); others have no data here."""
+    sub = subject_id(subject, "bdpy")
+    if sub not in CONFUSION:
+        raise ConfigError(f"subject={subject}: the demo has no such subject",
+                          f"use subject=1, 2 or 3 ({', '.join(CONFUSION)})")
+    return sub
 
 
 def load_stimulus(name: str) -> np.ndarray:
@@ -102,10 +111,7 @@ class Demo:
         # stimuli, as the lab's stds came from many images; only the requested labels'
         # features are kept on disk (each image is ~60 MB at 224x224).
         true = {lab: self._true_features(lab) for lab in labels}
-        sub = None if subject is None else subject_id(subject, "bdpy")
-        if sub is not None and sub not in CONFUSION:
-            raise ConfigError(f"the demo has no subject {sub}",
-                              f"use subject=1, 2 or 3 ({', '.join(CONFUSION)})")
+        sub = None if subject is None else demo_subject(subject)
         todo = [lab for lab in labels if sub is not None and not self._decoded_done(lab, sub)]
         if todo or not self.std_file.exists():
             stds: dict[str, list[float]] = {n: [] for n in self.layers}

@@ -27,6 +27,8 @@ from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.image import display_image
 
 __all__ = [
+    "SCORING_MODES",
+    "check_scoring_mode",
     "correlation_matrix",
     "display_image",
     "euclidean_distance_matrix",
@@ -41,6 +43,14 @@ __all__ = [
 ]
 
 _SSIM_MIN_SIDE = 7  # skimage's default window is 7x7
+#: Scores are computed on the display image (as the lab scores) or on the raw values.
+SCORING_MODES = ("display", "raw")
+
+
+def check_scoring_mode(on: str) -> None:
+    """``on`` names a scoring mode (the one check of it, for the library and the CLI)."""
+    if on not in SCORING_MODES:
+        raise ConfigError(f"unknown scoring mode on={on!r}", "use on='display' or on='raw'")
 
 
 # --------------------------------------------------------------------------- validation
@@ -316,8 +326,7 @@ def score_images(
     true images are used as they are (already 0-255). ``on="raw"`` scores raw values.
     Labels only in ``trues`` are ignored; a label missing from ``trues`` is an error.
     """
-    if on not in ("display", "raw"):
-        raise ConfigError(f"unknown scoring mode on={on!r}", "use on='display' or on='raw'")
+    check_scoring_mode(on)
     labels = list(recons)
     if not labels:
         raise DataError("no reconstructions to score", "pass at least one reconstruction")

@@ -1,24 +1,13 @@
-"""Sweeps (Hydra multirun): shards of a job, failed jobs, and the sweep's own summary.
+"""The sweep's own summary: which jobs of a Hydra multirun completed, failed or still run.
 
-* **Shards.** ``data.num_shards=N data.shard=i`` runs every N-th image of a job. The shard
-  keys are not part of the job's directory name, so all shards of a job share ONE results
-  directory (per-image files never collide: the shards are disjoint). Each shard's own
-  records (Hydra's ``.hydra/``, the log, the W&B / CSV / TensorBoard run) go to
-  ``<job dir>/shard-<i>of<N>/`` (:func:`shard_dir`, used by ``conf/config.yaml``), so
-  shards running at the same time never write the same file. Tables are rebuilt from
-  every finished image of the job by whichever shard ends last (and by any re-run).
-* **Failures.** Inside a sweep a failing job raises :class:`JobFailed` instead of
-  ``sys.exit``: Hydra records the job as failed and runs the others (``SystemExit``
-  would end the whole sweep); the sweep exits non-zero at the end.
-* **Summary.** :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in
-  ``conf/config.yaml``) records each job in ``<sweep dir>/job_status/<job>.json`` when it
-  starts and ends, wherever it runs (SLURM node, local subprocess), and rewrites
-  ``<sweep dir>/sweep_summary.json`` and ``.md`` after every job: status, objective and
-  failed images of each job. A job that started but never ended (killed, preempted, out
-  of time) stays ``running``. After an Optuna sweep it writes ``best_config.yaml``.
-
-Re-launching the same command with the same ``hydra.sweep.dir`` resumes: every job
-skips its finished images, and the records of re-run jobs are replaced.
+:class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``conf/config.yaml``)
+records each job in ``<sweep dir>/job_status/<job>.json`` when it starts and ends, wherever
+it runs (SLURM node, local subprocess), and rewrites ``<sweep dir>/sweep_summary.json`` and
+``.md`` after every job: status, objective and failed images of each job. A job that
+started but never ended (killed, preempted, out of time) stays ``running``. After an Optuna
+sweep it writes ``best_config.yaml``. Re-launching the same command with the same
+``hydra.sweep.dir`` resumes: every job skips its finished images, and the records of
+re-run jobs are replaced.
 """
 
 from __future__ import annotations
@@ -30,12 +19,11 @@ import math
 import os
 import shlex
 import socket
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -43,7 +31,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from icnn_pl.atomic import write_text_atomic
-from icnn_pl.errors import IcnnError
 
 log = logging.getLogger(__name__)
 
@@ -53,51 +40,6 @@ BEST_CONFIG = "best_config.yaml"
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by hydra-optuna-sweeper
 
 
-# -- shards ------------------------------------------------------------------------------
-def shard_name(num_shards: int, shard: int) -> str:
-    """``shard-<i>of<N>``, or "" for an unsharded job."""
-    return f"shard-{int(shard)}of{int(num_shards)}" if int(num_shards) > 1 else ""
-
-
-def shard_dir(num_shards: int, shard: int) -> str:
-    """``${icnn.shard_dir:...}``: the suffix of a job's Hydra directory ("" or
-    ``/shard-<i>of<N>``): a shard's own records live below the job's shared directory."""
-    name = shard_name(num_shards, shard)
-    return f"/{name}" if name else ""
-
-
-def results_dir(run_dir: str | os.PathLike, num_shards: int, shard: int) -> Path:
-    """Where a job's images and tables go: the shared job directory above a shard's own
-    directory, else the run directory itself (e.g. an explicit ``hydra.run.dir``)."""
-    run_dir = Path(run_dir)
-    name = shard_name(num_shards, shard)
-    return run_dir.parent if name and run_dir.name == name else run_dir
-
-
-# -- failed jobs -------------------------------------------------------------------------
-class JobFailed(Exception):
-    """A job of a sweep failed (bad config or data: code 2; failed images: code 1)."""
-
-    def __init__(self, reason: str, code: int = 1,
-                 failed_images: Mapping[str, str] | None = None) -> None:
-        super().__init__(reason, code, dict(failed_images or {}))  # args: picklable
-        self.reason, self.code, self.failed_images = reason, code, dict(failed_images or {})
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-def end_failed_job(code: int, reason: str | IcnnError, in_sweep: bool,
-                   failed_images: Mapping[str, str] | None = None) -> NoReturn:
-    """Exit with ``code``; inside a sweep raise :class:`JobFailed` so the other jobs run."""
-    if in_sweep:
-        if isinstance(reason, IcnnError):  # one line for the summary, with the fix
-            reason = reason.problem + (f" (fix: {reason.fix})" if reason.fix else "")
-        raise JobFailed(str(reason), code, failed_images) from None  # already logged
-    sys.exit(code)
-
-
-# -- the sweep summary -------------------------------------------------------------------
 def _now() -> str:
     return datetime.now().isoformat(timespec="seconds")
 

@@ -1,58 +1,25 @@
-"""Updates: linear schedules, the iCNN per-iteration steps around a torch optimizer, and
-L-BFGS-B with box bounds.
+"""The iCNN per-iteration operations around a gradient optimizer (``GDSteps``).
 
 Gradient descent follows the Caffe iCNN order per iteration:
 forward -> loss -> backward -> normalise gradient (+ regulariser gradients)
 -> optimizer step (SGD momentum: ``b = m_t*b + g; x = x - lr_t*b``) -> clips
 -> un-jitter -> decay -> blur -> clamp to bounds.
-Every step is per image (dim 0 is the batch) and runs on the parameter's device.
+Every operation is per image (dim 0 is the batch) and runs on the parameter's device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.optimize
 import torch
 import torch.nn.functional as F
 
+from icnn_pl.engine.params import Parameterization, PixelImage
+from icnn_pl.engine.schedules import Linear
 from icnn_pl.errors import ConfigError
-from icnn_pl.params import Parameterization, PixelImage
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class Linear:
-    """``v_t = start + t * (end - start) / n``, t = 0 .. n-1 (the reference schedule)."""
-
-    start: float
-    end: float
-
-    def at(self, t: int, n: int) -> float:
-        return self.start + t * (self.end - self.start) / n
-
-
-def linear(v: float | Iterable[float] | Mapping[str, float] | Linear | None) -> Linear | None:
-    """A schedule from a constant, a (start, end) pair, a {start, end} mapping or a Linear."""
-    if v is None or isinstance(v, Linear):
-        return v
-    if isinstance(v, Mapping):
-        return Linear(float(v["start"]), float(v["end"]))
-    if isinstance(v, int | float):
-        return Linear(float(v), float(v))
-    start, end = (float(x) for x in v)
-    return Linear(start, end)
-
-
-def apply_schedules(opt: torch.optim.Optimizer, schedules: Mapping[str, Linear], t: int,
-                    n: int) -> None:
-    """Set each scheduled hyper-parameter (lr, momentum, ...) of every param group."""
-    for name, sched in schedules.items():
-        for group in opt.param_groups:
-            group[name] = sched.at(t, n)
 
 
 # -- per-image tensor ops -----------------------------------------------------------------
@@ -247,79 +214,3 @@ def _roll_(param: Parameterization, opt: torch.optim.Optimizer, ox: int, oy: int
         s.copy_(torch.roll(s, shifts=(oy, ox), dims=(-2, -1)))
 
 
-# -- L-BFGS-B -----------------------------------------------------------------------------
-class ScipyLBFGSB(torch.optim.Optimizer):
-    """scipy's L-BFGS-B with box bounds, driven by torch gradients.
-
-    One ``step(closure)`` runs the whole minimisation (like ``torch.optim.LBFGS`` runs
-    ``max_iter`` iterations per step); the closure is called once per function evaluation.
-    ``torch.optim.LBFGS`` has no bounds, which pixel ([0, 255]) and code ((0, upper))
-    reconstructions need.
-
-    ``loss_scale="grad"`` (default) hands scipy ``f / s`` and ``g / s`` with ``s`` the
-    largest absolute gradient at the initial point, so that ``gtol`` means "the projected
-    gradient shrank 1e5-fold" whatever the network's feature scale or the number of
-    pixels. With raw values scipy's absolute ``gtol`` (1e-5) can stop after the first
-    evaluation and return the initial image (the "L-BFGS stops at iteration 0" users
-    report with small-scale networks). ``"none"`` is the reference behaviour.
-    """
-
-    runs_to_completion = True
-
-    def __init__(self, params, bounds: list[tuple[Tensor | None, Tensor | None]] | None = None,
-                 maxiter: int = 500, m: int = 10, ftol: float = 2.220446049250313e-09,
-                 gtol: float = 1e-05, maxls: int = 20, loss_scale: str = "grad") -> None:
-        super().__init__(params, {})
-        if loss_scale not in ("grad", "none"):
-            raise ConfigError(f"unknown loss_scale {loss_scale!r}", "use 'grad' or 'none'")
-        if int(maxiter) <= 0:
-            raise ConfigError(f"maxiter must be positive, got {maxiter}", "set n_iter >= 1")
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._bounds = bounds or [(None, None)] * len(self._params)
-        self.options = {"maxiter": int(maxiter), "maxcor": int(m), "ftol": float(ftol),
-                        "gtol": float(gtol), "maxls": int(maxls)}
-        self.loss_scale = loss_scale
-        self.result: scipy.optimize.OptimizeResult | None = None
-        self.n_evals = 0
-
-    def _flat_bounds(self) -> scipy.optimize.Bounds:
-        lo, hi = [], []
-        for p, (lower, upper) in zip(self._params, self._bounds, strict=True):
-            n = p.numel()
-            lo.append(np.full(n, -np.inf) if lower is None
-                      else lower.expand(p.shape).detach().cpu().double().numpy().ravel())
-            hi.append(np.full(n, np.inf) if upper is None
-                      else upper.expand(p.shape).detach().cpu().double().numpy().ravel())
-        return scipy.optimize.Bounds(np.concatenate(lo), np.concatenate(hi))
-
-    def _write(self, x: np.ndarray) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self._params:
-                n = p.numel()
-                p.copy_(torch.from_numpy(x[offset:offset + n]).view_as(p))
-                offset += n
-
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        bounds = self._flat_bounds()
-        x0 = torch.cat([p.detach().flatten() for p in self._params]).cpu().double().numpy()
-        # scipy would project too; doing it here makes the first evaluation feasible.
-        x0 = np.clip(x0, bounds.lb, bounds.ub)
-        scale = [1.0]
-
-        def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-            self._write(x)
-            with torch.enable_grad():
-                loss = closure()
-            f = float(loss.detach())
-            g = torch.cat([p.grad.flatten() for p in self._params]).cpu().double().numpy()
-            if self.n_evals == 0 and self.loss_scale == "grad":
-                g_max = float(np.abs(g).max())
-                scale[0] = g_max if g_max > 0 and np.isfinite(g_max) else 1.0
-            self.n_evals += 1
-            return f / scale[0], g / scale[0]
-
-        self.result = scipy.optimize.minimize(
-            fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=self.options)
-        self._write(self.result.x)
-        return torch.tensor(self.result.fun * scale[0])

@@ -1,22 +1,29 @@
-"""Compose a ``Reconstruction`` from plain objects: one builder for the functional API and
-the Hydra pipeline, so a fix in one is a fix in both."""
+"""A method as data: a ``Recipe`` (parameter, optimizer, iCNN steps, bounds, loss) and the
+one builder that turns it and a set of targets into a ready-to-fit ``Reconstruction``.
+
+The functional API, the Hydra pipeline and the benchmarks all build through here, so a fix
+in one is a fix in all.
+"""
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.lbfgsb import runs_to_completion
+from icnn_pl.engine.objective import Objective, layer_weights, make_mask
+from icnn_pl.engine.params import GeneratorCode, PixelImage, initial_code, initial_image
+from icnn_pl.engine.reconstruction import OptimizerFactory, Reconstruction
+from icnn_pl.engine.schedules import Linear, check_n_iter
 from icnn_pl.errors import ConfigError
-from icnn_pl.module import OptimizerFactory, Reconstruction
 from icnn_pl.nets.encoder import FeatureEncoder
-from icnn_pl.objective import Objective, layer_weights, make_mask
-from icnn_pl.optim import GDSteps, Linear
-from icnn_pl.params import GeneratorCode, PixelImage, initial_code, initial_image
 
 Bound = float | np.ndarray | torch.Tensor | None
 
@@ -46,8 +53,7 @@ def build_reconstruction(
     Pixel methods optimise the Caffe-space image (``pixel_bounds`` keeps raw pixels in
     [0, 255]); with a ``generator`` they optimise its input code within ``code_bounds``.
     """
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int | np.integer) or n_iter <= 0:
-        raise ConfigError(f"n_iter must be a positive integer, got {n_iter}", "set n_iter >= 1")
+    n_iter = check_n_iter(n_iter)
     batch = next(iter(targets.values())).shape[0]
     labels = list(labels) if labels is not None else [str(i) for i in range(batch)]
     # One generator per image: an image starts from the same point alone or in a batch.
@@ -78,6 +84,38 @@ def build_reconstruction(
         param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
         return_last_forward=return_last_forward, labels=labels, seed=image_seed(seed, *labels),
     )
+
+
+@dataclass
+class Recipe:
+    """Everything about a method that does not depend on the images: what is optimised
+    (pixels, or the code of ``generator``), how (optimizer, schedules, iCNN steps), within
+    which bounds, and with which loss. The keyword arguments of ``build_reconstruction``."""
+
+    optimizer: OptimizerFactory
+    n_iter: int
+    generator: nn.Module | None = None
+    init: Any = "uniform"
+    code_bounds: tuple[Bound, Bound] = (None, None)
+    pixel_bounds: bool = False
+    schedules: Mapping[str, Linear] = field(default_factory=dict)
+    steps: GDSteps | None = None
+    loss_type: str | Mapping[str, str] = "l2"
+    masks: Mapping[str, Any] | None = None
+    channels: Mapping[str, Sequence[int]] | None = None
+    return_last_forward: bool = False
+
+    @property
+    def runs_to_completion(self) -> bool:
+        """One optimizer step runs the whole minimisation (L-BFGS-B)."""
+        return runs_to_completion(self.optimizer)
+
+    def build(self, targets: Mapping[str, torch.Tensor], encoder: FeatureEncoder, *,
+              weights: str | Mapping[str, Any] = "inverse_norm",
+              labels: Sequence[str] | None = None, seed: int = 0) -> Reconstruction:
+        """A reconstruction of the images whose stacked targets are ``targets``."""
+        return build_reconstruction(targets, encoder, weights=weights, labels=labels,
+                                    seed=seed, **vars(self))
 
 
 def image_seed(seed: int, *labels: str) -> int:

@@ -28,6 +28,8 @@ from icnn_pl.image import display_image
 
 log = logging.getLogger(__name__)
 
+RUN_INFO = "run_info.json"  # what a job was: its presence marks a run directory
+
 
 def check_writable_dir(folder: str | Path, key: str = "hydra.run.dir") -> None:
     """Create ``folder`` if needed and write a probe file there: a read-only or impossible
@@ -71,8 +73,10 @@ class ReconOutputs:
         return self.mat_path(label).is_file()
 
     def write(self, label: str, image: np.ndarray, loss_history: np.ndarray,
-              code: np.ndarray | None = None, meta: Mapping[str, Any] | None = None) -> None:
-        """PNG first, then the ``.mat`` that marks the image finished."""
+              code: np.ndarray | None = None, meta: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
+        """PNG first, then the ``.mat`` that marks the image finished; returns the
+        variables written (what ``read`` gives back), so the job need not read them."""
         with atomic_path(self.png_path(label)) as tmp:
             Image.fromarray(display_image(image)).save(tmp, format="PNG")
         variables: dict[str, Any] = {
@@ -84,6 +88,7 @@ class ReconOutputs:
         for k, v in (meta or {}).items():
             variables[k] = v
         save_mat(self.mat_path(label), variables)
+        return variables
 
     def read(self, label: str) -> dict[str, np.ndarray]:
         """A finished image's variables (raises DataError if unreadable)."""

@@ -21,13 +21,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from icnn_pl import interrupt
-from icnn_pl.errors import ConfigError
+from icnn_pl.engine import interrupt
+from icnn_pl.engine.icnn_steps import GDSteps
+from icnn_pl.engine.lbfgsb import check_one_problem, runs_to_completion
+from icnn_pl.engine.objective import Objective
+from icnn_pl.engine.params import GeneratorCode, Parameterization
+from icnn_pl.engine.schedules import Linear, apply_schedules
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
-from icnn_pl.objective import Objective
-from icnn_pl.optim import GDSteps, Linear, apply_schedules
-from icnn_pl.params import GeneratorCode, Parameterization
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -84,11 +85,7 @@ class Reconstruction(pl.LightningModule):
         self.steps = steps
         if steps is not None:
             steps.check(param)
-        if self.runs_to_completion and param.value.shape[0] > 1:
-            raise ConfigError(
-                f"{param.value.shape[0]} images in one L-BFGS problem would share its line"
-                " search", "L-BFGS methods reconstruct one image per problem: set"
-                " data.batch_size=1")
+        check_one_problem(optimizer, param.value.shape[0])
         self.return_last_forward = return_last_forward
         self.labels = list(labels) if labels is not None else [
             str(i) for i in range(param.value.shape[0])]
@@ -104,11 +101,10 @@ class Reconstruction(pl.LightningModule):
     @property
     def runs_to_completion(self) -> bool:
         """Whether one optimizer step runs the whole minimisation (L-BFGS-B)."""
-        factory = getattr(self._optimizer_factory, "func", self._optimizer_factory)
-        return bool(getattr(factory, "runs_to_completion", False))
+        return runs_to_completion(self._optimizer_factory)
 
     @property
-    def n_steps(self) -> int:
+    def trainer_steps(self) -> int:
         """Trainer steps: one per iteration, or one for a run-to-completion optimizer."""
         return 1 if self.runs_to_completion else self.n_iter
 

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from icnn_pl.errors import ConfigError
-from icnn_pl.outputs import check_writable_dir
+from icnn_pl.pipeline.outputs import check_writable_dir
 
 
 class CheckOutputDir(Callback):

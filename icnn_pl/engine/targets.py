@@ -1,4 +1,4 @@
-"""Target features: validation against the encoder, batching, and decoded-feature scaling.
+"""Target features: validation against the encoder, and batching.
 
 Targets are matched to layers by *name*, never by dict order, and are returned in the
 order the network computes them.
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from icnn_pl.errors import ConfigError, DataError
+from icnn_pl.errors import DataError
 from icnn_pl.nets.encoder import FeatureEncoder
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -67,58 +67,3 @@ def _as_feature(value: ArrayLike, name: str, shape: tuple[int, ...], label: str)
             "fix or re-export the feature file (decoders sometimes write NaN for empty voxels)",
         )
     return t.contiguous()
-
-
-# -- decoded-feature std correction ------------------------------------------------------
-def feature_std(f: np.ndarray, ddof: int = 0) -> float:
-    """The lab's feature std: per-channel std averaged over channels for conv (C, H, W)
-    features, the std over all units for fc features."""
-    f = np.asarray(f, dtype=np.float64)
-    if f.ndim == 3 and f.shape[1] * f.shape[2] > 1:
-        return float(f.reshape(f.shape[0], -1).std(axis=1, ddof=ddof).mean())
-    return float(f.std(ddof=ddof))
-
-
-STD_MODES = ("none", "paper", "centered")
-
-
-def std_correct(
-    features: Mapping[str, np.ndarray], ref_std: Mapping[str, float] | None,
-    mode: str = "paper", train_mean: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Rescale decoded features to the std of true features.
-
-    * ``paper`` (every Caffe-era "decoded" script, the default):
-      ``f / std(f) * std_ref`` with ddof 0, no centring.
-    * ``centered`` (the PyTorch demo): ``(f - m) / std(f - m) * std_ref + m`` with ddof 1,
-      ``m`` the training mean of the layer's features.
-    * ``none``: features used as they are.
-    """
-    if mode not in STD_MODES:
-        raise ConfigError(f"unknown std correction {mode!r}", f"use one of {STD_MODES}")
-    if mode == "none":
-        return {k: np.asarray(v, dtype=np.float32) for k, v in features.items()}
-    if ref_std is None:
-        raise ConfigError(
-            f"std correction {mode!r} needs reference feature stds",
-            "set data.std_ref=<file .mat with one std per layer> or data.std_correction=none",
-        )
-    if mode == "centered" and train_mean is None:
-        raise ConfigError(
-            "std correction 'centered' needs the training mean of each layer",
-            "set data.train_mean=<.mat file> or use data.std_correction=paper",
-        )
-    out = {}
-    for name, f in features.items():
-        if name not in ref_std:
-            raise DataError(f"no reference std for layer {name}", "use a std file with that layer")
-        f = np.asarray(f, dtype=np.float64)
-        if mode == "paper":
-            s = feature_std(f, ddof=0)
-            g = f / s * ref_std[name] if s > 0 else f
-        else:
-            m = np.asarray(train_mean[name], dtype=np.float64).reshape(f.shape)
-            s = feature_std(f - m, ddof=1)
-            g = (f - m) / s * ref_std[name] + m if s > 0 else f
-        out[name] = g.astype(np.float32)
-    return out

@@ -56,6 +56,25 @@ LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
 }
 
 
+LAYER_WEIGHTINGS = ("inverse_norm", "uniform")
+
+
+def check_loss_type(loss_type: str | Mapping[str, str], key: str = "loss_type") -> None:
+    """A loss name of ``LOSSES``, or a dict layer -> loss name."""
+    kinds = list(loss_type.values()) if isinstance(loss_type, Mapping) else [loss_type]
+    if any(k not in LOSSES for k in kinds):
+        raise ConfigError(f"{key}={loss_type!r} is not a loss type",
+                          f"use one of {sorted(LOSSES)} (or a dict layer -> loss type)")
+
+
+def check_layer_weighting(mode: str | Mapping[str, float], key: str = "layer_weight") -> None:
+    """``inverse_norm``, ``uniform`` or a dict layer -> weight."""
+    if not (isinstance(mode, Mapping) or mode in LAYER_WEIGHTINGS):
+        raise ConfigError(f"{key}={mode!r} is not a layer weighting",
+                          "use inverse_norm, uniform or a dict layer -> weight"
+                          " (pipeline: layer_weights=inverse_norm or layer_weights=uniform)")
+
+
 # -- masks --------------------------------------------------------------------------------
 def make_mask(
     layer: str, shape: Sequence[int], mask: np.ndarray | Tensor | None = None,
@@ -115,6 +134,7 @@ def layer_weights(
     (1/||t_k||^2)``, per image; ``uniform``: 1/L (the library default); a mapping gives
     explicit weights.
     """
+    check_layer_weighting(mode)
     names = list(targets)
     batch = next(iter(targets.values())).shape[0]
     if isinstance(mode, Mapping):
@@ -130,10 +150,6 @@ def layer_weights(
                 for n in names}
     if mode == "uniform":
         return {n: torch.full((batch,), 1.0 / len(names)) for n in names}
-    if mode != "inverse_norm":
-        raise ConfigError(
-            f"unknown layer weighting {mode!r}", "use inverse_norm, uniform or a dict of weights"
-        )
     sq = {n: targets[n].double().flatten(1).pow(2).sum(1) for n in names}
     for n, s in sq.items():
         zero = (s == 0).nonzero().flatten().tolist()
@@ -167,11 +183,10 @@ class Objective(nn.Module):
         super().__init__()
         self.layers = list(targets)
         masks = masks or {}
+        check_loss_type(loss_type)
         self._loss_fns = []
         for i, name in enumerate(self.layers):
             kind = loss_type if isinstance(loss_type, str) else loss_type.get(name, "l2")
-            if kind not in LOSSES:
-                raise ConfigError(f"unknown loss type {kind!r}", f"use one of {sorted(LOSSES)}")
             self._loss_fns.append(LOSSES[kind])
             self.register_buffer(f"target_{i}", targets[name].float())
             self.register_buffer(f"weight_{i}", weights[name].float())

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from icnn_pl.image import to_caffe
-from icnn_pl.metrics import correlation_matrix, feature_identification
 from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.review.metrics import correlation_matrix, feature_identification
 
 
 @torch.no_grad()

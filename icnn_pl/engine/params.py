@@ -101,6 +101,16 @@ PIXEL_INITS = ("uniform", "mean", "zeros", "normal")
 CODE_INITS = ("zeros", "normal")
 
 
+def check_init(spec: InitSpec, of_code: bool, key: str = "init") -> None:
+    """A named initial value must be one this parameter knows (arrays are checked for
+    shape when the parameter is made)."""
+    names = CODE_INITS if of_code else PIXEL_INITS
+    if isinstance(spec, str) and spec not in names:
+        what = "initial generator code" if of_code else "initial image"
+        raise ConfigError(f"{key}={spec!r} is not a known {what}",
+                          f"use one of {names} or an array")
+
+
 def initial_image(
     spec: InitSpec, batch: int, size: tuple[int, int], mean_bgr: Sequence[float],
     rng: torch.Generator,
@@ -119,11 +129,8 @@ def initial_image(
             return to_caffe(rgb, mean_bgr)
         if spec in ("mean", "zeros"):
             return torch.zeros(batch, 3, h, w)
-        if spec == "normal":
-            return torch.randn(batch, 3, h, w, generator=rng)
-        raise ConfigError(
-            f"unknown initial image {spec!r}", f"use one of {PIXEL_INITS} or an array"
-        )
+        check_init(spec, of_code=False)
+        return torch.randn(batch, 3, h, w, generator=rng)  # "normal"
     arr = np.asarray(spec.detach().cpu() if isinstance(spec, Tensor) else spec, dtype=np.float32)
     if arr.ndim == 3:
         arr = np.broadcast_to(arr, (batch, *arr.shape)).copy()
@@ -141,9 +148,8 @@ def initial_code(spec: InitSpec, batch: int, dim: int, rng: torch.Generator) -> 
     if isinstance(spec, str):
         if spec == "zeros":
             return torch.zeros(batch, dim)
-        if spec == "normal":
-            return torch.randn(batch, dim, generator=rng)
-        raise ConfigError(f"unknown initial code {spec!r}", f"use one of {CODE_INITS} or an array")
+        check_init(spec, of_code=True)
+        return torch.randn(batch, dim, generator=rng)  # "normal"
     t = torch.as_tensor(np.asarray(spec.detach().cpu() if isinstance(spec, Tensor) else spec,
                                    dtype=np.float32))
     if t.dim() == 1:

@@ -8,7 +8,7 @@ uint8 (float images in [0, 1] show up black in W&B).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,49 @@ from icnn_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOGGERS = ("wandb", "csv", "tensorboard", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_logger(kind: str, mode: str = "offline") -> None:
+    """A known logger kind, and for W&B a known mode (checked before any work starts)."""
+    if kind not in LOGGERS:
+        raise ConfigError(f"unknown logger {kind!r}", f"use one of {list(LOGGERS)}")
+    if kind == "wandb" and mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={mode!r} is not a W&B mode",
+                          "use offline (default), online or disabled")
+
+
+def _csv(save_dir: Path, **_: Any) -> Logger:
+    return CSVLogger(save_dir, name="csv", version="")
+
+
+def _tensorboard(save_dir: Path, **_: Any) -> Logger:
+    return TensorBoardLogger(save_dir, name="tensorboard", version="")
+
+
+def _wandb(save_dir: Path, *, name: str, project: str, group: str | None, mode: str,
+           tags: Sequence[str], config: Mapping[str, Any] | None) -> Logger:
+    import wandb
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    # Started here, not through WandbLogger: Lightning hands wandb.init its deprecated
+    # ``anonymous`` setting, which makes every run print a warning the user cannot act on.
+    # No console capture or system stats: the job's own log is the record.
+    run = wandb.init(
+        project=project, name=name, group=group, dir=str(save_dir), mode=mode,
+        tags=list(tags), config=dict(config or {}),
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+    )
+    # the x axis WandbLogger sets up when it starts a run itself
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    return WandbLogger(experiment=run, save_dir=str(save_dir))
+
+
+#: logger kind -> factory (``none`` gives no logger); a new logger goes here.
+LOGGERS: dict[str, Callable[..., Logger] | None] = {
+    "wandb": _wandb, "csv": _csv, "tensorboard": _tensorboard, "none": None,
+}
 
 
 def make_logger(
@@ -28,34 +69,14 @@ def make_logger(
     group: str | None = None, mode: str = "offline", tags: Sequence[str] = (),
     config: Mapping[str, Any] | None = None,
 ) -> Logger | None:
-    """One logger per job (``none`` gives None)."""
-    save_dir = Path(save_dir)
-    if kind == "none":
+    """One logger per job (``none`` gives None); W&B starts at once, so a broken W&B
+    fails before any work."""
+    check_logger(kind, mode)
+    factory = LOGGERS[kind]
+    if factory is None:
         return None
-    if kind == "csv":
-        return CSVLogger(save_dir, name="csv", version="")
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir, name="tensorboard", version="")
-    if kind == "wandb":
-        if mode not in WANDB_MODES:
-            raise ConfigError(f"logger.mode={mode!r} is not a W&B mode",
-                              "use offline (default), online or disabled")
-        save_dir.mkdir(parents=True, exist_ok=True)
-        logger = WandbLogger(
-            project=project, name=name, group=group, save_dir=str(save_dir),
-            offline=mode == "offline", mode=mode, tags=list(tags), config=dict(config or {}),
-            settings=_wandb_settings(),
-        )
-        _ = logger.experiment  # start the run now: a broken W&B fails before any work
-        return logger
-    raise ConfigError(f"unknown logger {kind!r}", f"use one of {LOGGERS}")
-
-
-def _wandb_settings() -> Any:
-    import wandb
-
-    # No console capture or system stats: the job's own log is the record.
-    return wandb.Settings(console="off", x_disable_stats=True, silent=True)
+    return factory(Path(save_dir), name=name, project=project, group=group, mode=mode,
+                   tags=tags, config=config)
 
 
 def log_image(logger: Logger | None, label: str, recon: np.ndarray,

@@ -1,6 +1,6 @@
 """Shared body of the functional API (``icnn_pl.icnn_gd.reconstruct_image`` and friends).
 
-The four method modules only translate the reference option names into the builder's
+The four method modules only translate the reference option names into a recipe's
 objects; this file turns user inputs (feature dicts of arrays, any ``nn.Module``) into a
 ``Reconstruction`` and fits it on the network's device.
 """
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from icnn_pl.build import build_reconstruction
+from icnn_pl.engine.fit import device_trainer_args, fit
+from icnn_pl.engine.recipe import build_reconstruction
+from icnn_pl.engine.reconstruction import ReconResult
+from icnn_pl.engine.targets import expected_shapes, stack_targets
 from icnn_pl.errors import ConfigError, DataError
-from icnn_pl.module import ReconResult
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.nets.vgg import PAPER_MEAN_BGR
-from icnn_pl.runner import device_trainer_args, fit
-from icnn_pl.targets import expected_shapes, stack_targets
 
 
 def as_encoder(

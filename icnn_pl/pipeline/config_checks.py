@@ -1,0 +1,164 @@
+"""Checks of a composed config before anything is built (networks, data, logger).
+
+Each rule lives with the part that owns it (the engine, the data readers, the loggers);
+this module calls those same checks with the config's values, in the order a user would
+fix them, so a bad value fails at once with the config key and the fix. What only the
+config knows (its own value formats: schedules as [start, end], sizes, means, seed, the
+generator group) is checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra.utils
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from icnn_pl.data.datamodule import check_selection
+from icnn_pl.data.demo import demo_subject
+from icnn_pl.data.std_correction import check_std_correction
+from icnn_pl.engine.fit import check_trainer_options
+from icnn_pl.engine.lbfgsb import check_one_problem
+from icnn_pl.engine.objective import check_layer_weighting, check_loss_type
+from icnn_pl.engine.params import check_init
+from icnn_pl.engine.reconstruction import OptimizerFactory
+from icnn_pl.engine.schedules import check_n_iter
+from icnn_pl.errors import ConfigError
+from icnn_pl.nets import ARCHITECTURES
+from icnn_pl.pipeline.data_sources import (
+    DATA_SOURCES,
+    DEMO_SOURCES,
+    demo_source,
+    existing_path,
+    plain,
+    required,
+)
+from icnn_pl.pipeline.loggers import check_logger
+
+METHOD_PARAMS = ("pixel", "code")
+# Files a config may name: they must exist before the (slow) networks are built.
+FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "data.std_ref",
+             "data.train_mean", "data.stimuli")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of config values, before anything is built."""
+    _check_method(cfg)
+    _check_layers(cfg)
+    check_logger(cfg.logger.kind, cfg.logger.get("mode", "offline"))
+    t = cfg.trainer
+    check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False))
+    _check_data(cfg)
+    _check_paths_exist(cfg)
+    _check_values(cfg)
+
+
+def optimizer_factory(cfg: DictConfig) -> OptimizerFactory:
+    """``optimizer.factory`` instantiated (a partial of the optimizer class)."""
+    try:
+        return hydra.utils.instantiate(cfg.optimizer.factory)
+    except InstantiationException as exc:
+        raise ConfigError(f"optimizer.factory cannot be built: {str(exc).splitlines()[0]}",
+                          "pick an optimizer option: optimizer=sgd_momentum, adam, adamw or"
+                          " lbfgsb") from exc
+
+
+def _check_method(cfg: DictConfig) -> None:
+    m = cfg.method
+    if m.param not in METHOD_PARAMS:
+        raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
+    check_n_iter(m.n_iter, "method.n_iter")
+    for name, value in (plain(cfg.optimizer.get("schedule")) or {}).items():
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"optimizer.schedule.{name}={value} must be [start, end]",
+                              f"write optimizer.schedule.{name}=[2.0,1e-10] (a constant: [v,v])")
+        if name == "lr" and min(value) < 0:
+            raise ConfigError(f"optimizer.schedule.lr={value} is negative",
+                              "use a non-negative learning rate")
+    if m.param == "code" and cfg.get("generator") is None:
+        raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
+                          "add generator=relu7")
+    if m.param == "code" and cfg.generator.get("require_act_range") and \
+            cfg.generator.get("act_range") in (None, "???"):
+        raise ConfigError("generator.act_range is required by this preset (paper bounds)",
+                          "set generator.act_range=/path/to/act_range_3x.txt")
+
+
+def _check_layers(cfg: DictConfig) -> None:
+    names = plain(cfg.layers.names)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
+                          "pick a layers option (layers=all, conv, conv1-3, ...)")
+    arch = cfg.network.arch
+    known = ARCHITECTURES[arch].layers if arch in ARCHITECTURES else {}
+    ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
+    if ident is not None and known and ident not in known:
+        raise ConfigError(f"evaluation.ident_layer={ident!r} is not a layer of {arch}",
+                          f"use one of: {', '.join(known)} (or null)")
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        raise ConfigError(f"layers.names: {unknown} not in network {arch}",
+                          f"use layers of {arch}: {', '.join(known)}")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    if d.kind not in DATA_SOURCES:
+        raise ConfigError(f"data.kind={d.kind!r} is not valid", f"use one of {list(DATA_SOURCES)}")
+    demo = d.kind == "demo"
+    if demo:
+        if demo_source(d) not in DEMO_SOURCES:
+            raise ConfigError(f"data.source={d.source!r} is not valid",
+                              f"use one of {DEMO_SOURCES}")
+        if demo_source(d) == "decoded":
+            demo_subject(cfg.subject)
+    check_selection(d.get("limit"), d.get("num_shards", 1), d.get("shard", 0),
+                    d.get("batch_size", 1))
+    check_one_problem(optimizer_factory(cfg), d.get("batch_size") or 1)
+    if not demo:
+        existing_path(required(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
+                      "data.root")
+    # decoded features need reference stds; the demo brings its own
+    needs_ref = d.kind in ("decoded", "decoded_caffe")
+    check_std_correction(d.get("std_correction", "none"),
+                         has_ref_std=not needs_ref or d.get("std_ref") not in (None, "???"),
+                         has_train_mean=d.get("train_mean") is not None)
+
+
+def _check_paths_exist(cfg: DictConfig) -> None:
+    for key in FILE_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if value not in (None, "???"):
+            existing_path(value, key)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Values that would otherwise fail only when the first image starts (or in Lightning)."""
+    m, net = cfg.method, cfg.network
+    check_layer_weighting(plain(cfg.layer_weights.mode), "layer_weights.mode")
+    check_init(m.get("init"), of_code=m.param == "code", key="method.init")
+    check_loss_type(plain(m.get("loss_type", "l2")), "method.loss_type")
+    size, mean = plain(net.input_size), plain(net.mean_bgr)
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
+        raise ConfigError(f"network.input_size={size!r} must be [height, width] in pixels",
+                          "set network.input_size=[224,224] (the size the features were made at)")
+    if not (isinstance(mean, list) and len(mean) == 3 and all(_number(v) for v in mean)):
+        raise ConfigError(f"network.mean_bgr={mean!r} must be three numbers (B, G, R)",
+                          "set network.mean_bgr=[104.007,116.669,122.679] (paper) or [104,117,123]")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer", "set seed=0 (or any integer)")
+    g = cfg.get("generator")
+    if m.param == "code" and g is not None and g.get("act_range") is None and \
+            not (_number(g.lower) and _number(g.upper) and g.lower < g.upper):
+        raise ConfigError(f"generator bounds lower={g.lower!r}, upper={g.upper!r} are not a range",
+                          "set generator.lower < generator.upper (default 0 and 100)")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
