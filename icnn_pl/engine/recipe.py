@@ -70,20 +70,26 @@ def build_reconstruction(
         {n: make_mask(n, shapes[n], masks.get(n), channels.get(n)) for n in targets},
         loss_type,
     )
-    if generator is None:
-        init_value = torch.cat([
-            initial_image(_one(init, i), 1, encoder.input_size, encoder.mean_bgr, rng)
-            for i, rng in enumerate(rngs)])
-        param = PixelImage(init_value, encoder.mean_bgr, bounded=pixel_bounds)
-    else:
-        dim = int(getattr(generator, "input_size", 4096))
-        init_value = torch.cat([initial_code(_one(init, i), 1, dim, rng)
-                                for i, rng in enumerate(rngs)])
-        param = GeneratorCode(init_value, generator, encoder.input_size, *code_bounds)
+    param = _parameter(encoder, generator, init, rngs, code_bounds, pixel_bounds)
     return Reconstruction(
         param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
         return_last_forward=return_last_forward, labels=labels, seed=image_seed(seed, *labels),
     )
+
+
+def _parameter(encoder: FeatureEncoder, generator: nn.Module | None, init: Any,
+               rngs: Sequence[torch.Generator], code_bounds: tuple[Bound, Bound],
+               pixel_bounds: bool) -> PixelImage | GeneratorCode:
+    """The pixels (Caffe space) or the generator code, one initial value per image."""
+    if generator is None:
+        init_value = torch.cat([
+            initial_image(_one(init, i), 1, encoder.input_size, encoder.mean_bgr, rng)
+            for i, rng in enumerate(rngs)])
+        return PixelImage(init_value, encoder.mean_bgr, bounded=pixel_bounds)
+    dim = int(getattr(generator, "input_size", 4096))
+    init_value = torch.cat([initial_code(_one(init, i), 1, dim, rng)
+                            for i, rng in enumerate(rngs)])
+    return GeneratorCode(init_value, generator, encoder.input_size, *code_bounds)
 
 
 @dataclass

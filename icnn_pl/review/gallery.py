@@ -103,20 +103,8 @@ def gallery_size(n_rows: int, n_cols: int, cell: int = 128) -> tuple[int, int]:
     return width, height
 
 
-def make_gallery(
-    rows: Sequence[tuple[str, Sequence[np.ndarray | None]]],
-    labels: Sequence[str],
-    captions: Sequence[Sequence[str | None]] | None = None,
-    cell: int = 128,
-) -> Image.Image:
-    """Grid of images: one row per ``(row title, images)``, one column per label.
-
-    Each image is resized to ``cell x cell``; uint8 images are shown as they are, float
-    images through :func:`icnn_pl.image.display_image` (percentile clip + min-max), so
-    pass true images as uint8 to show them unstretched. ``None`` draws a grey cell; a float
-    image with NaN/inf draws a grey cell marked "non-finite". ``captions[r][c]`` is drawn
-    under cell ``(r, c)``. Size: :func:`gallery_size`. White background, default PIL font.
-    """
+def _check_grid(rows: Sequence[tuple[str, Sequence[np.ndarray | None]]], labels: Sequence[str],
+                captions: Sequence[Sequence[str | None]] | None, cell: int) -> None:
     if cell < 8:
         raise ConfigError(f"gallery cell size {cell} is too small", "use cell >= 8 (e.g. 128)")
     if not rows:
@@ -140,6 +128,23 @@ def make_gallery(
             "pass one caption list per row with one string (or None) per label",
         )
 
+
+def make_gallery(
+    rows: Sequence[tuple[str, Sequence[np.ndarray | None]]],
+    labels: Sequence[str],
+    captions: Sequence[Sequence[str | None]] | None = None,
+    cell: int = 128,
+) -> Image.Image:
+    """Grid of images: one row per ``(row title, images)``, one column per label.
+
+    Each image is resized to ``cell x cell``; uint8 images are shown as they are, float
+    images through :func:`icnn_pl.image.display_image` (percentile clip + min-max), so
+    pass true images as uint8 to show them unstretched. ``None`` draws a grey cell; a float
+    image with NaN/inf draws a grey cell marked "non-finite". ``captions[r][c]`` is drawn
+    under cell ``(r, c)``. Size: :func:`gallery_size`. White background, default PIL font.
+    """
+    _check_grid(rows, labels, captions, cell)
+    n_cols = len(labels)
     font = _font()
     canvas = Image.new("RGB", gallery_size(len(rows), n_cols, cell), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -192,9 +197,20 @@ def loss_curves_image(
     width, height = int(size[0]), int(size[1])
     if width < 200 or height < 120:
         raise ConfigError(f"loss plot size {size} is too small", "use at least (200, 120)")
+    series = _loss_series(curves)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    plot = _LossPlot(ImageDraw.Draw(canvas), width, height, series)
+    for k, (_, v) in enumerate(series):
+        plot.line(v, PALETTE[k % len(PALETTE)])
+    plot.legend([label for label, _ in series])
+    return canvas
+
+
+def _loss_series(curves: Mapping[str, np.ndarray | Sequence[float]]
+                 ) -> list[tuple[str, np.ndarray]]:
     if not curves:
         raise DataError("loss_curves_image got no curves", "pass {label: loss history}")
-    series: list[tuple[str, np.ndarray]] = []
+    series = []
     for label, values in curves.items():
         v = np.asarray(values, dtype=np.float64)
         if v.ndim != 1:
@@ -203,73 +219,70 @@ def loss_curves_image(
                 "pass one 1-D loss history per label",
             )
         series.append((str(label), v))
+    return series
 
-    finite = [v[np.isfinite(v)] for _, v in series]
-    all_finite = np.concatenate(finite) if finite else np.empty(0)
-    log_y = all_finite.size > 0 and bool(np.all(all_finite > 0))
-    n_x = max(len(v) for _, v in series)
 
-    font = _font()
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    legend_w = min(180, width // 3)
-    x0, y0 = 64, 14
-    x1, y1 = width - legend_w - 12, height - 30
-    draw.rectangle([x0, y0, x1, y1], outline=TEXT)
-    draw.text((x0, 1), "loss (log scale)" if log_y else "loss", fill=TEXT, font=font)
-    draw.text(((x0 + x1) // 2 - 20, height - 14), "iteration", fill=TEXT, font=font)
+class _LossPlot:
+    """The axes of a loss plot (drawn on creation) and the mapping of values to pixels."""
 
-    if all_finite.size == 0:
-        draw.text((x0 + 8, y0 + 8), "no finite values", fill=INVALID_TEXT, font=font)
-        ty_lo = ty_hi = 0.0
-    else:
-        t = np.log10(all_finite) if log_y else all_finite
-        ty_lo, ty_hi = float(t.min()), float(t.max())
-        y_lo, y_hi = float(all_finite.min()), float(all_finite.max())
-        draw.text((4, y0 - 5), _fit(draw, f"{y_hi:.3g}", font, x0 - 8), fill=TEXT, font=font)
-        draw.text((4, y1 - 6), _fit(draw, f"{y_lo:.3g}", font, x0 - 8), fill=TEXT, font=font)
-    if ty_hi - ty_lo <= 0:
-        margin = max(abs(ty_hi) * 0.05, 0.5)
-        ty_lo, ty_hi = ty_lo - margin, ty_hi + margin
-    draw.text((x0, y1 + 3), "0", fill=TEXT, font=font)
-    last = str(max(n_x - 1, 0))
-    draw.text((x1 - draw.textlength(last, font=font), y1 + 3), last, fill=TEXT, font=font)
+    def __init__(self, draw: ImageDraw.ImageDraw, width: int, height: int,
+                 series: Sequence[tuple[str, np.ndarray]]) -> None:
+        self.draw, self.font = draw, _font()
+        finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
+        self.log_y = finite.size > 0 and bool(np.all(finite > 0))
+        n_x = max(len(v) for _, v in series)
+        self.legend_w = min(180, width // 3)
+        self.x0, self.y0 = 64, 14
+        self.x1, self.y1 = width - self.legend_w - 12, height - 30
+        self.x_span = max(n_x - 1, 1)
+        x0, y0, x1, y1, font = self.x0, self.y0, self.x1, self.y1, self.font
+        draw.rectangle([x0, y0, x1, y1], outline=TEXT)
+        draw.text((x0, 1), "loss (log scale)" if self.log_y else "loss", fill=TEXT, font=font)
+        draw.text(((x0 + x1) // 2 - 20, height - 14), "iteration", fill=TEXT, font=font)
+        if finite.size == 0:
+            draw.text((x0 + 8, y0 + 8), "no finite values", fill=INVALID_TEXT, font=font)
+            lo = hi = 0.0
+        else:
+            t = np.log10(finite) if self.log_y else finite
+            lo, hi = float(t.min()), float(t.max())
+            for y, v in ((y0 - 5, finite.max()), (y1 - 6, finite.min())):
+                draw.text((4, y), _fit(draw, f"{float(v):.3g}", font, x0 - 8), fill=TEXT,
+                          font=font)
+        if hi - lo <= 0:
+            margin = max(abs(hi) * 0.05, 0.5)
+            lo, hi = lo - margin, hi + margin
+        self.ty_lo, self.ty_hi = lo, hi
+        draw.text((x0, y1 + 3), "0", fill=TEXT, font=font)
+        last = str(max(n_x - 1, 0))
+        draw.text((x1 - draw.textlength(last, font=font), y1 + 3), last, fill=TEXT, font=font)
 
-    x_span = max(n_x - 1, 1)
-
-    def to_px(i: np.ndarray, val: np.ndarray) -> list[tuple[float, float]]:
-        tv = np.log10(val) if log_y else val
-        px = x0 + 1 + (x1 - x0 - 2) * i / x_span
-        py = y1 - 1 - (y1 - y0 - 2) * (tv - ty_lo) / (ty_hi - ty_lo)
+    def _to_px(self, i: np.ndarray, val: np.ndarray) -> list[tuple[float, float]]:
+        tv = np.log10(val) if self.log_y else val
+        px = self.x0 + 1 + (self.x1 - self.x0 - 2) * i / self.x_span
+        py = self.y1 - 1 - (self.y1 - self.y0 - 2) * (tv - self.ty_lo) / (self.ty_hi - self.ty_lo)
         return list(zip(px.tolist(), py.tolist(), strict=True))
 
-    for k, (_, v) in enumerate(series):
-        colour = PALETTE[k % len(PALETTE)]
-        ok = np.isfinite(v)
-        if not ok.any():
-            continue
-        idx = np.flatnonzero(ok)
-        # split into runs of consecutive finite points
-        breaks = np.flatnonzero(np.diff(idx) > 1) + 1
-        for run in np.split(idx, breaks):
-            pts = to_px(run.astype(np.float64), v[run])
+    def line(self, v: np.ndarray, colour: tuple[int, int, int]) -> None:
+        """One curve, broken where values are not finite (a lone point is a dot)."""
+        idx = np.flatnonzero(np.isfinite(v))
+        if idx.size == 0:
+            return
+        for run in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1):
+            pts = self._to_px(run.astype(np.float64), v[run])
             if len(pts) == 1:
                 (px, py) = pts[0]
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+                self.draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
             else:
-                draw.line(pts, fill=colour, width=2)
+                self.draw.line(pts, fill=colour, width=2)
 
-    lx, ly = x1 + 12, y0
-    shown = series if len(series) <= MAX_LEGEND else series[: MAX_LEGEND - 1]
-    for k, (label, _) in enumerate(shown):
-        yy = ly + k * 14
-        draw.line([(lx, yy + 6), (lx + 16, yy + 6)], fill=PALETTE[k % len(PALETTE)], width=3)
-        draw.text((lx + 20, yy), _fit(draw, label, font, legend_w - 24), fill=TEXT, font=font)
-    if len(series) > len(shown):
-        draw.text(
-            (lx + 20, ly + len(shown) * 14),
-            f"+{len(series) - len(shown)} more",
-            fill=TEXT,
-            font=font,
-        )
-    return canvas
+    def legend(self, labels: Sequence[str]) -> None:
+        lx, ly, draw, font = self.x1 + 12, self.y0, self.draw, self.font
+        shown = labels if len(labels) <= MAX_LEGEND else labels[: MAX_LEGEND - 1]
+        for k, label in enumerate(shown):
+            yy = ly + k * 14
+            draw.line([(lx, yy + 6), (lx + 16, yy + 6)], fill=PALETTE[k % len(PALETTE)], width=3)
+            draw.text((lx + 20, yy), _fit(draw, label, font, self.legend_w - 24), fill=TEXT,
+                      font=font)
+        if len(labels) > len(shown):
+            draw.text((lx + 20, ly + len(shown) * 14), f"+{len(labels) - len(shown)} more",
+                      fill=TEXT, font=font)

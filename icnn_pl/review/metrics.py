@@ -312,20 +312,9 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float, float
     return m, m - half, m + half
 
 
-def score_images(
-    recons: Mapping[str, np.ndarray],
-    trues: Mapping[str, np.ndarray],
-    on: str = "display",
-) -> list[dict[str, Any]]:
-    """Score reconstructions against true images, one row per label of ``recons``.
-
-    Each row has ``label, pixel_corr, ssim, rmse, ident_corr, ident_euclid``. The
-    identification columns are pairwise identification among the given set (by pixel
-    correlation and by Euclidean distance); with a single image they are ``nan``.
-    With ``on="display"`` reconstructions are first converted with :func:`display_image`;
-    true images are used as they are (already 0-255). ``on="raw"`` scores raw values.
-    Labels only in ``trues`` are ignored; a label missing from ``trues`` is an error.
-    """
+def _scored_pairs(recons: Mapping[str, np.ndarray], trues: Mapping[str, np.ndarray], on: str
+                  ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Labels, reconstructions (as scored: display or raw) and true images, checked."""
     check_scoring_mode(on)
     labels = list(recons)
     if not labels:
@@ -346,6 +335,24 @@ def score_images(
             r = display_image(r).astype(np.float64)
         R.append(r)
         T.append(t)
+    return labels, R, T
+
+
+def score_images(
+    recons: Mapping[str, np.ndarray],
+    trues: Mapping[str, np.ndarray],
+    on: str = "display",
+) -> list[dict[str, Any]]:
+    """Score reconstructions against true images, one row per label of ``recons``.
+
+    Each row has ``label, pixel_corr, ssim, rmse, ident_corr, ident_euclid``. The
+    identification columns are pairwise identification among the given set (by pixel
+    correlation and by Euclidean distance); with a single image they are ``nan``.
+    With ``on="display"`` reconstructions are first converted with :func:`display_image`;
+    true images are used as they are (already 0-255). ``on="raw"`` scores raw values.
+    Labels only in ``trues`` are ignored; a label missing from ``trues`` is an error.
+    """
+    labels, R, T = _scored_pairs(recons, trues, on)
     shapes = {r.shape for r in R}
     if len(R) >= 2 and len(shapes) == 1:
         ident_c = identification_accuracy(R, T, metric="correlation")
