@@ -45,7 +45,7 @@ FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "dat
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of config values, before anything is built."""
     _check_method(cfg)
-    _check_layers(cfg)
+    _check_layer_names(cfg)
     check_logger(cfg.logger.kind, cfg.logger.get("mode", "offline"))
     t = cfg.trainer
     check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False))
@@ -86,7 +86,7 @@ def _check_method(cfg: DictConfig) -> None:
                           "set generator.act_range=/path/to/act_range_3x.txt")
 
 
-def _check_layers(cfg: DictConfig) -> None:
+def _check_layer_names(cfg: DictConfig) -> None:
     names = plain(cfg.layers.names)
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
@@ -144,19 +144,19 @@ def _check_values(cfg: DictConfig) -> None:
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
         raise ConfigError(f"network.input_size={size!r} must be [height, width] in pixels",
                           "set network.input_size=[224,224] (the size the features were made at)")
-    if not (isinstance(mean, list) and len(mean) == 3 and all(_number(v) for v in mean)):
+    if not (isinstance(mean, list) and len(mean) == 3 and all(_plain_number(v) for v in mean)):
         raise ConfigError(f"network.mean_bgr={mean!r} must be three numbers (B, G, R)",
                           "set network.mean_bgr=[104.007,116.669,122.679] (paper) or [104,117,123]")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer", "set seed=0 (or any integer)")
     g = cfg.get("generator")
     if m.param == "code" and g is not None and g.get("act_range") is None and \
-            not (_number(g.lower) and _number(g.upper) and g.lower < g.upper):
+            not (_plain_number(g.lower) and _plain_number(g.upper) and g.lower < g.upper):
         raise ConfigError(f"generator bounds lower={g.lower!r}, upper={g.upper!r} are not a range",
                           "set generator.lower < generator.upper (default 0 and 100)")
 
 
-def _number(v: Any) -> bool:
+def _plain_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 

@@ -111,7 +111,7 @@ def _decoded_caffe(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[st
     return DataSource(features, sub, _stimuli(cfg, encoder))
 
 
-def _true_features(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
+def _image_folder(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
                    network_id: str) -> DataSource:
     images = ImageFolder(_root(cfg), encoder.input_size)
     return DataSource(ImageFeatures(images, encoder, layers), TRUE_FEATURES, images, "none")
@@ -121,5 +121,5 @@ def _true_features(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[st
 DATA_SOURCES: dict[str, Callable[[DictConfig, FeatureEncoder, Sequence[str], str],
                                  DataSource]] = {
     "demo": _demo, "decoded": _decoded, "decoded_caffe": _decoded_caffe,
-    "true_features": _true_features,
+    "true_features": _image_folder,
 }

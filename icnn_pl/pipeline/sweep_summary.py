@@ -44,7 +44,7 @@ def _now() -> str:
     return datetime.now().isoformat(timespec="seconds")
 
 
-def _number(value: Any) -> float | None:
+def _finite_or_none(value: Any) -> float | None:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -85,7 +85,7 @@ class SweepSummary(Callback):
         record: dict[str, Any] = {"finished": _now(), "objective": None, "error": None,
                                   "exit_code": 0, "failed_images": {}}
         if job_return.status == JobStatus.COMPLETED:
-            record.update(status="completed", objective=_number(job_return.return_value))
+            record.update(status="completed", objective=_finite_or_none(job_return.return_value))
         else:
             # the exception itself (``job_return.return_value`` would raise it)
             exc = job_return._return_value
