@@ -1,7 +1,42 @@
 """Shared test set-up."""
 
+import os
+from pathlib import Path
+
 import pytest
 from engine_helpers import torch_threads
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Folders of the checkout the tests must not write into (a run's defaults point there:
+# data.root=data/demo, hydra.run.dir=outputs/...), and folders that must not appear at its
+# root (Lightning's ./lightning_logs, Hydra's ./multirun, W&B's ./wandb).
+GUARDED_DIRS = ("data", "outputs")
+GUARDED_ROOT_NAMES = ("lightning_logs", "multirun", "wandb")
+
+
+def checkout_listing() -> set[str]:
+    """Every path under the guarded folders, and the guarded root names that exist."""
+    found = {name for name in GUARDED_ROOT_NAMES if (REPO / name).exists()}
+    for top in GUARDED_DIRS:
+        for dirpath, dirnames, filenames in os.walk(REPO / top):
+            rel = Path(dirpath).relative_to(REPO)
+            found.update(str(rel / name) for name in (*dirnames, *filenames))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """Fails the session (at the last test's teardown) if the tests added anything under the
+    checkout's data/ or outputs/ (or ./lightning_logs, ./multirun, ./wandb), or removed
+    anything there (data/README.md and outputs/README.md are committed). With pytest-xdist
+    each worker checks what appeared between its first and its last test."""
+    before = checkout_listing()
+    yield
+    after = checkout_listing()
+    added, removed = sorted(after - before), sorted(before - after)
+    assert not added, f"the tests wrote into the checkout (use tmp_path): {added[:20]}"
+    assert not removed, f"the tests removed files from the checkout: {removed[:20]}"
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,13 @@ TINY = ["--size", "64", "--threads", "1"]
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_cwd(tmp_path, monkeypatch):
+    """bench_iteration runs train_recon.py with the demo's data.root (data/demo, relative to
+    the working directory): a scratch directory, not the checkout's data/."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

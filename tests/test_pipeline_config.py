@@ -381,7 +381,9 @@ def test_check_config_rejects(overrides, key):
 
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.tf32=true"])
 def test_precision_options_reach_the_trainer(override, tmp_path):
-    cfg = make(override, "logger=none", "method=icnn_gd", "network.input_size=[32,32]")
+    # the demo (data=demo) is written under data.root: tmp_path, not the checkout's data/demo
+    cfg = make(override, "logger=none", "method=icnn_gd", "network.input_size=[32,32]",
+               f"data.root={tmp_path / 'demo'}")
     with open_dict(cfg):
         del cfg["hydra"]  # build_job gets the job's config, as train_recon.py's main does
     args = config_mod.build_job(cfg, tmp_path).trainer_args
