@@ -2,11 +2,10 @@
 files in the lab's formats: outputs, W&B offline runs, resume, multirun, data kinds, bad
 configs and the CLI help.
 
-Every run is tiny (VGG19 at 64x64, 2 iterations, 1-2 images). The commands are
-independent, so they start in the background (two at a time) as soon as the first test of
-this module needs one; each test then waits for its own. Commands that only fail fast or
-read small files share one interpreter (``run_many``): same code path as the CLI, minus
-~10 s of start-up per command.
+Every run is tiny (VGG19 at 64x64, 2 iterations, 1-2 images). Each group of commands is
+a module-scoped fixture that runs when the first test needing it starts; the tests then
+check its outputs. Commands that only fail fast or read small files share one interpreter
+(``run_many``): same code path as the CLI, minus ~10 s of start-up per command.
 """
 
 from __future__ import annotations
@@ -15,10 +14,7 @@ import csv
 import json
 import math
 import shutil
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -169,49 +165,40 @@ def cli_job(out: Path):
                                     f"hydra.run.dir={out / 'cli'}"])}
 
 
-# -- background scheduling ---------------------------------------------------------------------
-# test -> the command groups it reads (only the groups of selected tests are started)
-NEEDS = {
-    "test_four_methods": "methods", "test_methods_loss_history": "methods",
-    "test_multirun": "multirun",
-    "test_wandb_offline_run": "wandb_resume", "test_default_run_outputs": "wandb_resume",
-    "test_resume_recomputes_only_the_missing_image": "wandb_resume",
-    "test_data_kind": "data", "test_data_true_unquoted": "data",
-    "test_bad_config_fails_early": "bad", "test_cfg_job_prints_config": "bad",
-    "test_cli_help_and_error": "cli",
-}
-ORDER = ("wandb_resume", "methods", "bad", "multirun", "data", "cli")  # longest first
-
-
-class Background:
-    def __init__(self, jobs: dict[str, Callable[[], Any]], wanted: set[str]) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="train_recon")
-        self.futures: dict[str, Future] = {
-            name: self.pool.submit(jobs[name]) for name in ORDER if name in wanted}
-
-    def get(self, name: str) -> Any:
-        return self.futures[name].result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+# -- the command groups: one fixture each ---------------------------------------------------
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")
-def runs(request, demo_root, files_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    jobs = {
-        "methods": lambda: methods_job(demo_root, out),
-        "multirun": lambda: multirun_job(demo_root, out),
-        "wandb_resume": lambda: wandb_resume_job(demo_root, out),
-        "data": lambda: data_job(demo_root, files_root, out),
-        "bad": lambda: bad_job(demo_root, files_root, out),
-        "cli": lambda: cli_job(out),
-    }
-    selected = {item.originalname for item in request.session.items
-                if item.module.__name__ == __name__}
-    bg = Background(jobs, {NEEDS[name] for name in selected if name in NEEDS})
-    yield bg
-    bg.close()
+def methods_sweep(demo_root, out):
+    return methods_job(demo_root, out)
+
+
+@pytest.fixture(scope="module")
+def multirun_sweep(demo_root, out):
+    return multirun_job(demo_root, out)
+
+
+@pytest.fixture(scope="module")
+def wandb_resume(demo_root, out):
+    return wandb_resume_job(demo_root, out)
+
+
+@pytest.fixture(scope="module")
+def data_runs(demo_root, files_root, out):
+    return data_job(demo_root, files_root, out)
+
+
+@pytest.fixture(scope="module")
+def bad_runs(demo_root, files_root, out):
+    return bad_job(demo_root, files_root, out)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(out):
+    return cli_job(out)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -221,9 +208,9 @@ def assert_ok(proc) -> None:
     assert "Traceback" not in output_of(proc), output_of(proc)[-6000:]
 
 
-def check_outputs(run_dir: Path, subject: str, labels, method: str, *, n_iter: int = 2,
-                  true_images: bool = True) -> dict[str, dict]:
-    """Per-image files, results tables and figures of one finished job."""
+def check_image_files(run_dir: Path, subject: str, labels, method: str) -> dict[str, dict]:
+    """Per image: the .mat (image, loss history, generator code of the DGN methods) and the
+    .png; no temporary files left. Returns the loaded .mat files by label."""
     out = run_dir / subject / "VC"
     mats = {}
     for lab in labels:
@@ -238,6 +225,14 @@ def check_outputs(run_dir: Path, subject: str, labels, method: str, *, n_iter: i
         assert distinct_values(out / f"recon_image-{lab}.png") > 10
         mats[lab] = data
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+    return mats
+
+
+def check_results_tables(run_dir: Path, subject: str, labels, method: str,
+                         mats: dict[str, dict], *, n_iter: int = 2,
+                         true_images: bool = True) -> None:
+    """results.csv and results.json: one row per image, in order, with the columns, the
+    job's method/subject/ROI, the iterations, and the final loss of the image's .mat."""
     rows_csv, rows_json = read_results(run_dir)
     assert [r["label"] for r in rows_json] == list(labels)
     assert [r["label"] for r in rows_csv] == list(labels)
@@ -251,17 +246,26 @@ def check_outputs(run_dir: Path, subject: str, labels, method: str, *, n_iter: i
         assert r["final_loss"] == pytest.approx(last, rel=1e-5)
         if true_images:
             assert -1.0 <= r["pixel_corr"] <= 1.0
+
+
+def check_figures(run_dir: Path) -> None:
     for fig in ("gallery.png", "loss_curves.png"):
         assert distinct_values(run_dir / fig) > 2, fig
+
+
+def check_feature_fit(run_dir: Path, labels) -> None:
     fit = read_csv(run_dir / "feature_fit.csv")  # per image and target layer
     assert {r["label"] for r in fit} == set(labels)
     assert all(-1.0 <= float(r["corr_target"]) <= 1.0 for r in fit)
-    if true_images:  # scores on display and raw images, with mean rows and 95% intervals
-        metrics = read_csv(run_dir / "metrics.csv")
-        assert {r["scored_on"] for r in metrics} == {"display", "raw"}
-        means = [r for r in metrics if r["label"] == "mean"]
-        assert len(means) == 2 and all(r["pixel_corr_ci95_low"] != "" for r in means)
-    return mats
+
+
+def check_metrics(run_dir: Path) -> None:
+    """metrics.csv (runs with true images): scores on display and raw images, with mean
+    rows and 95% intervals."""
+    metrics = read_csv(run_dir / "metrics.csv")
+    assert {r["scored_on"] for r in metrics} == {"display", "raw"}
+    means = [r for r in metrics if r["label"] == "mean"]
+    assert len(means) == 2 and all(r["pixel_corr_ci95_low"] != "" for r in means)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -280,18 +284,23 @@ def job_dirs(sweep: Path) -> dict[tuple[str, str], Path]:
 
 
 # -- the four methods --------------------------------------------------------------------------
-def test_four_methods(runs):
-    proc, sweep = runs.get("methods")
+def test_four_methods(methods_sweep):
+    proc, sweep = methods_sweep
     assert_ok(proc)
     dirs = job_dirs(sweep)
     assert set(dirs) == {(m, "sub-01") for m in METHODS}, sorted(dirs)
     for method in METHODS:
-        check_outputs(dirs[(method, "sub-01")], "sub-01", DEMO_LABELS, method)
-        assert (dirs[(method, "sub-01")] / "csv" / "metrics.csv").is_file()  # logger=csv
+        run_dir = dirs[(method, "sub-01")]
+        mats = check_image_files(run_dir, "sub-01", DEMO_LABELS, method)
+        check_results_tables(run_dir, "sub-01", DEMO_LABELS, method, mats)
+        check_figures(run_dir)
+        check_feature_fit(run_dir, DEMO_LABELS)
+        check_metrics(run_dir)
+        assert (run_dir / "csv" / "metrics.csv").is_file()  # logger=csv
 
 
-def test_methods_loss_history(runs):
-    proc, sweep = runs.get("methods")
+def test_methods_loss_history(methods_sweep):
+    proc, sweep = methods_sweep
     assert_ok(proc)
     dirs = job_dirs(sweep)
     for method in METHODS:
@@ -307,8 +316,8 @@ def test_methods_loss_history(runs):
 
 
 # -- multirun ----------------------------------------------------------------------------------
-def test_multirun(runs):
-    proc, sweep = runs.get("multirun")
+def test_multirun(multirun_sweep):
+    proc, sweep = multirun_sweep
     assert_ok(proc)
     assert "Launching 4 jobs" in output_of(proc)
     dirs = job_dirs(sweep)
@@ -319,20 +328,28 @@ def test_multirun(runs):
     for (method, subject), d in dirs.items():
         assert d.parent == sweep
         assert f"method={method}" in d.name and f"subject={subject[-1]}" in d.name
-        check_outputs(d, subject, DEMO_LABELS[:1], method)
+        mats = check_image_files(d, subject, DEMO_LABELS[:1], method)
+        check_results_tables(d, subject, DEMO_LABELS[:1], method, mats)
+        check_figures(d)
+        check_feature_fit(d, DEMO_LABELS[:1])
+        check_metrics(d)
         assert not (d / "sub-01" if subject == "sub-02" else d / "sub-02").exists()
 
 
 # -- W&B, default run, resume ------------------------------------------------------------------
-def test_default_run_outputs(runs):
-    first, run_dir, *_ = runs.get("wandb_resume")
+def test_default_run_outputs(wandb_resume):
+    first, run_dir, *_ = wandb_resume
     assert_ok(first)
-    check_outputs(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd")
+    mats = check_image_files(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd")
+    check_results_tables(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd", mats)
+    check_figures(run_dir)
+    check_feature_fit(run_dir, DEMO_LABELS)
+    check_metrics(run_dir)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
-def test_wandb_offline_run(runs):
-    first, run_dir, *_ = runs.get("wandb_resume")
+def test_wandb_offline_run(wandb_resume):
+    first, run_dir, *_ = wandb_resume
     assert_ok(first)
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, list((run_dir / "wandb").iterdir())
@@ -350,8 +367,8 @@ def test_wandb_offline_run(runs):
         assert len(np.unique(arr)) > 2 and arr.max() > 0, f"{p.name} is blank"
 
 
-def test_resume_recomputes_only_the_missing_image(runs):
-    first, _, second, run_dir, before = runs.get("wandb_resume")
+def test_resume_recomputes_only_the_missing_image(wandb_resume):
+    first, _, second, run_dir, before = wandb_resume
     assert_ok(first)
     assert second is not None
     assert_ok(second)
@@ -377,16 +394,21 @@ def test_resume_recomputes_only_the_missing_image(runs):
     ("decoded", "sub-01", IMAGE_LABELS, True),
     ("decoded_caffe", "S1", IMAGE_LABELS, True),
 ])
-def test_data_kind(runs, case, subject, labels, true_images):
-    res, run_dir = runs.get("data")[case]
+def test_data_kind(data_runs, case, subject, labels, true_images):
+    res, run_dir = data_runs[case]
     assert_ok(res)
-    check_outputs(run_dir, subject, labels, "icnn_gd", true_images=true_images)
+    mats = check_image_files(run_dir, subject, labels, "icnn_gd")
+    check_results_tables(run_dir, subject, labels, "icnn_gd", mats, true_images=true_images)
+    check_figures(run_dir)
+    check_feature_fit(run_dir, labels)
+    if true_images:
+        check_metrics(run_dir)
 
 
 # -- bad configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_config_fails_early(runs, name):
-    res = runs.get("bad")[name]
+def test_bad_config_fails_early(bad_runs, name):
+    res = bad_runs[name]
     text = output_of(res)
     expected = BAD[name][1]
     assert res["code"] != 0, text[-3000:]
@@ -404,8 +426,8 @@ def test_bad_config_fails_early(runs, name):
     assert "final loss" not in text
 
 
-def test_cfg_job_prints_config(runs):
-    res = runs.get("bad")["cfg_job"]
+def test_cfg_job_prints_config(bad_runs):
+    res = bad_runs["cfg_job"]
     assert_ok(res)
     text = res["out"]
     assert "name: icnn_lbfgs" in text and "name: lbfgsb" in text and "subject: 2" in text
@@ -413,8 +435,8 @@ def test_cfg_job_prints_config(runs):
     assert "maxiter:" in text and "final loss" not in text
 
 
-def test_cli_help_and_error(runs):
-    res = runs.get("cli")
+def test_cli_help_and_error(cli_runs):
+    res = cli_runs
     helped = res["help"]
     assert_ok(helped)
     for group in ("method", "optimizer", "network", "generator", "layers", "layer_weights",
