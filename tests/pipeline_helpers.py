@@ -3,7 +3,8 @@
 * Running the real entry point: ``run_cli`` (``python train_recon.py ...`` in a subprocess)
   and ``run_many`` (several ``train_recon.py`` commands in ONE interpreter: each is run as
   ``__main__`` with its own ``sys.argv``, exactly as the CLI runs it, but the ~10 s of
-  interpreter start-up and imports are paid once).
+  interpreter start-up and imports are paid once; ``start_many`` / ``many_results`` run
+  such interpreters side by side).
 * Writing small on-disk inputs in the lab's formats: image folders, bdpy-layout and
   Caffe-era decoded features, reference-std files.
 * A tiny in-memory setup for ``run_job`` (tiny conv net, feature source in memory).
@@ -15,9 +16,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import scipy.io
@@ -98,17 +102,55 @@ sys.__stdout__.write("\n@@RESULTS@@" + json.dumps(results))
 """.replace("ENTRY", repr(ENTRY))
 
 
+@dataclass
+class ManyRun:
+    """``run_many``'s interpreter, started by ``start_many``; ``many_results`` waits for it.
+    Its output goes to files (a full pipe would stall it while another one is read)."""
+
+    proc: subprocess.Popen
+    stdout: IO[str]
+    stderr: IO[str]
+    deadline: float  # time.monotonic()
+
+
+def start_many(cases: Sequence[Sequence[str]], timeout: float = 400) -> ManyRun:
+    """Start ``run_many``'s interpreter for ``cases`` and return at once."""
+    # closed by many_results
+    stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([list(c) for c in cases])],
+                            cwd=REPO, stdout=stdout, stderr=stderr, text=True, env=child_env())
+    return ManyRun(proc, stdout, stderr, time.monotonic() + timeout)
+
+
+def many_results(run: ManyRun) -> list[dict[str, Any]]:
+    """Wait for a ``start_many`` interpreter (killed at its timeout) and return its results
+    as ``run_many`` does."""
+    try:
+        run.proc.wait(max(0.0, run.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.wait()
+        raise
+    finally:
+        texts = []
+        for fh in (run.stdout, run.stderr):
+            fh.seek(0)
+            texts.append(fh.read())
+            fh.close()
+    out, err = texts
+    marker = out.rfind("@@RESULTS@@")
+    if marker < 0:
+        raise AssertionError(f"driver crashed (rc {run.proc.returncode}):\n"
+                             f"{(out + err)[-4000:]}")
+    return json.loads(out[marker + len("@@RESULTS@@"):])
+
+
 def run_many(cases: Sequence[Sequence[str]], timeout: float = 400) -> list[dict[str, Any]]:
     """Run ``train_recon.py <args>`` for each case in one interpreter (from the repository
     root, as ``__main__``, with Hydra's own exit handling). Returns per case: ``args``,
     ``code`` (exit code), ``out``, ``err``, ``seconds``."""
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([list(c) for c in cases])],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=child_env())
-    marker = proc.stdout.rfind("@@RESULTS@@")
-    if marker < 0:
-        raise AssertionError(f"driver crashed (rc {proc.returncode}):\n{output_of(proc)[-4000:]}")
-    return json.loads(proc.stdout[marker + len("@@RESULTS@@"):])
+    return many_results(start_many(cases, timeout))
 
 
 # -- on-disk inputs ------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,9 @@ from pipeline_helpers import (
     CONV1,
     SIZE,
     TINY,
+    many_results,
     output_of,
-    run_many,
+    start_many,
     tiny_net,
     with_defaults,
     write_decoded_bdpy,
@@ -357,18 +357,21 @@ def prepare(name: str, c: Case, inputs: dict[str, Path], base: Path) -> Prepared
     return Prepared(args, paths, finished, before)
 
 
-def run_catalogue(base: Path, names: list[str] | None = None
+def run_catalogue(base: Path, names: list[str] | None = None, interpreters: int = 2
                   ) -> dict[str, tuple[Prepared, dict[str, Any]]]:
-    """Prepare and run the cases (two interpreters side by side)."""
+    """Prepare and run the cases (``interpreters`` interpreters side by side)."""
     names = list(CASES) if names is None else names
     inputs = make_inputs(base / "inputs")
     prepared = {n: prepare(n, CASES[n], inputs, base) for n in names}
-    halves = [names[0::2], names[1::2]]
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(run_many, [prepared[n].args for n in half], 600)
-                   for half in halves if half]
-        results = [r for f in futures for r in f.result()]
-    order = [n for half in halves for n in half]
+    parts = [p for p in (names[i::interpreters] for i in range(interpreters)) if p]
+    started = [start_many([prepared[n].args for n in part], 600) for part in parts]
+    try:
+        results = [r for run in started for r in many_results(run)]
+    finally:  # one failed: do not leave the others running
+        for run in started:
+            if run.proc.poll() is None:
+                run.proc.kill()
+    order = [n for part in parts for n in part]
     return {n: (prepared[n], res) for n, res in zip(order, results, strict=True)}
 
 
@@ -400,10 +403,10 @@ def user_message(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, request):
-    names = [item.callspec.params["name"] for item in request.session.items
-             if item.module.__name__ == __name__ and hasattr(item, "callspec")]
-    return run_catalogue(tmp_path_factory.mktemp("catalogue"), names or None)
+def catalogue(tmp_path_factory):
+    """Every case, once for the module, in one interpreter (pytest-xdist runs another test
+    file beside it; ``python tests/test_bad_input_catalogue.py`` uses two)."""
+    return run_catalogue(tmp_path_factory.mktemp("catalogue"), interpreters=1)
 
 
 def outputs_dir(p: Prepared, c: Case) -> Path:

@@ -7,8 +7,7 @@ submitit as an sbatch script (nothing is submitted), the Optuna search config.
 Slow (real ``train_recon.py -m`` runs, tiny: VGG19 at 64x64, 2 iterations): a 2-shard
 multirun through ``hydra/launcher=local`` (submitit subprocesses) that reconstructs every
 image exactly once, its re-launch after one output is deleted, a sweep with a failing
-job, and a 2-trial Optuna sweep. The basic-launcher sweeps run in the background while
-the submitit sweep runs.
+job, and a 2-trial Optuna sweep; each a module-scoped fixture.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import functools
 import json
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra.utils
@@ -258,26 +256,23 @@ def common(demo: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def background(demo, tmp_path_factory):
-    """The basic-launcher sweeps (failing job, Optuna), started at once; each test waits
-    for its own."""
-    out = tmp_path_factory.mktemp("sweeps")
-    pool = ThreadPoolExecutor(max_workers=1)
-    failing, optuna = out / "failing", out / "optuna"
-    futures = {
-        "failing": pool.submit(run_cli, [
-            "-m", *common(demo), "data.limit=1", "method.n_iter=2,0", "logger=csv",
-            f"hydra.sweep.dir={failing}"]),
-        "optuna": pool.submit(run_cli, [
-            "-m", "hparams_search=icnn_gd_true", *common(demo), "data.limit=2",
-            "hydra.sweeper.n_trials=2", "logger=csv", f"hydra.sweep.dir={optuna}"]),
-    }
-    yield {"failing": (futures["failing"], failing), "optuna": (futures["optuna"], optuna)}
-    pool.shutdown(wait=True)
+def failing_sweep(demo, tmp_path_factory):
+    """A basic-launcher sweep of 2 jobs, the second one failing (method.n_iter=0)."""
+    sweep = tmp_path_factory.mktemp("sweeps") / "failing"
+    return run_cli(["-m", *common(demo), "data.limit=1", "method.n_iter=2,0", "logger=csv",
+                    f"hydra.sweep.dir={sweep}"]), sweep
 
 
 @pytest.fixture(scope="module")
-def sharded(demo, background, tmp_path_factory):
+def optuna_sweep(demo, tmp_path_factory):
+    """A 2-trial Optuna sweep (basic launcher)."""
+    sweep = tmp_path_factory.mktemp("sweeps") / "optuna"
+    return run_cli(["-m", "hparams_search=icnn_gd_true", *common(demo), "data.limit=2",
+                    "hydra.sweeper.n_trials=2", "logger=csv", f"hydra.sweep.dir={sweep}"]), sweep
+
+
+@pytest.fixture(scope="module")
+def sharded(demo, tmp_path_factory):
     """2 shards through submitit subprocesses (W&B offline, the default logger); then one
     output deleted and the same command launched again."""
     sweep = tmp_path_factory.mktemp("sharded") / "sweep"
@@ -368,9 +363,8 @@ def test_relaunch_redoes_only_the_deleted_image(sharded):
 
 
 @pytest.mark.slow
-def test_failed_job_keeps_the_others_and_is_listed(background):
-    future, sweep = background["failing"]
-    proc = future.result()
+def test_failed_job_keeps_the_others_and_is_listed(failing_sweep):
+    proc, sweep = failing_sweep
     assert proc.returncode == 1, output_of(proc)[-4000:]
     summary = read_json(sweep / "sweep_summary.json")
     assert summary["counts"] == {"failed": 1, "completed": 1}, summary
@@ -384,9 +378,8 @@ def test_failed_job_keeps_the_others_and_is_listed(background):
 
 
 @pytest.mark.slow
-def test_optuna_sweep_writes_best_config(background):
-    future, sweep = background["optuna"]
-    proc = future.result()
+def test_optuna_sweep_writes_best_config(optuna_sweep):
+    proc, sweep = optuna_sweep
     assert_ok(proc)
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     searched = {"optimizer.schedule.lr.0", "method.steps.decay.0", "method.steps.blur_sigma.0"}
