@@ -19,6 +19,7 @@ case with the message the user sees. Cases tested end to end elsewhere are liste
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -456,9 +457,23 @@ def check_works(name: str, p: Prepared, out: Path, text: str) -> None:
             SIZE, SIZE, 3)
 
 
-def test_catalogue_is_large_enough():
+def test_catalogue_is_large_enough_and_its_cross_references_exist():
     failing = [n for n, c in CASES.items() if c.code != 0]
     assert len(failing) + len(ELSEWHERE) >= 25 and len(failing) >= 25
+    # a failing case names what the message must contain ("" would match any message)
+    assert [n for n in failing if not CASES[n].names] == []
+    # each case listed as tested elsewhere is not run here too, and that test exists (with
+    # that parameter): a renamed or dropped test would silently leave the case untested
+    assert not set(ELSEWHERE) & set(CASES)
+    for where in ELSEWHERE.values():
+        file, test = where.split("::")
+        func, _, param = test.partition("[")
+        module = importlib.import_module(Path(file).stem)
+        assert callable(getattr(module, func, None)), where
+        if param:
+            values = [v for m in getattr(module, func).pytestmark if m.name == "parametrize"
+                      for v in m.args[1]]
+            assert param.removesuffix("]") in values, where
 
 
 if __name__ == "__main__":  # print the catalogue: case | input | exit | message

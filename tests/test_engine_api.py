@@ -606,9 +606,16 @@ def test_loss_type_enters_the_run(kind):
     assert np.isfinite(loss).all()
 
 
-def test_tiny_shapes_constant_matches_the_encoder():
+def test_feature_shapes_are_those_of_the_forward_pass():
     enc = tiny_encoder()
     assert enc.feature_shapes(enc.forward_order(list(LAYERS))) == TINY_SHAPES
+    # the probed shapes (per image, no batch axis) are what a forward pass returns, for a
+    # subset of layers asked in any order too
+    enc.set_layers(list(LAYERS))
+    with torch.no_grad():
+        feats = enc(torch.from_numpy(rgb_to_caffe(rgb_image(0))).float()[None])
+    assert {n: tuple(f.shape[1:]) for n, f in feats.items()} == TINY_SHAPES
+    assert enc.feature_shapes(["fc", "c1"]) == {"fc": TINY_SHAPES["fc"], "c1": TINY_SHAPES["c1"]}
 
 
 # --------------------------------------------------------------------------- defaults

@@ -71,9 +71,18 @@ def defaults_of(fn) -> dict:
 
 
 # -- every option of every group ---------------------------------------------------------------
-def test_every_group_has_options():
+def test_every_group_has_options_and_its_default_is_one():
     assert all(OPTIONS[g] for g in GROUPS), OPTIONS
     assert set(OPTIONS["method"]) == set(METHODS)
+    # config.yaml's defaults list names an option of each group (or none: null), and the
+    # default config composes with those
+    defaults = {k: v for d in OmegaConf.load(CONF / "config.yaml").defaults
+                if isinstance(d, DictConfig) for k, v in d.items()}
+    assert set(GROUPS) <= set(defaults), sorted(defaults)
+    for g in GROUPS:
+        assert defaults[g] is None or defaults[g] in OPTIONS[g], (g, defaults[g])
+    cfg = make()
+    assert cfg.method.name == defaults["method"] and cfg.data.name == defaults["data"]
 
 
 @pytest.mark.parametrize(("group", "option"), [_param(g, o) for g, o in GROUP_OPTIONS])
