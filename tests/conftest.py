@@ -8,6 +8,20 @@ from engine_helpers import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _threads_per_worker() -> int | None:
+    """Under pytest-xdist (addopts: -n 2): the CPU cores per worker; None in one process."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers) if workers > 1 else None
+
+
+# Each worker and the runs it starts (train_recon.py subprocesses inherit the environment)
+# use their share of the cores: with more threads than cores, OpenMP threads spin while
+# they wait and the whole suite slows down.
+WORKER_THREADS = _threads_per_worker()
+if WORKER_THREADS is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
 # Folders of the checkout the tests must not write into (a run's defaults point there:
 # data.root=data/demo, hydra.run.dir=outputs/...), and folders that must not appear at its
 # root (Lightning's ./lightning_logs, Hydra's ./multirun, W&B's ./wandb).
@@ -42,9 +56,13 @@ def _checkout_stays_clean():
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_nets(request):
     # Tiny networks run faster on one thread (two threads fight over 2 cores under load);
-    # the slow real-size VGG19 tests keep torch's default.
-    if request.node.get_closest_marker("slow"):
-        yield
-    else:
+    # the slow real-size VGG19 tests keep torch's default, or the worker's share of the
+    # cores under pytest-xdist.
+    if not request.node.get_closest_marker("slow"):
         with torch_threads(1):
             yield
+    elif WORKER_THREADS is not None:
+        with torch_threads(WORKER_THREADS):
+            yield
+    else:
+        yield
