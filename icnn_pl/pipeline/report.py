@@ -66,17 +66,12 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     histories = {lab: np.ravel(images[lab]["loss_history"]) for lab in labels}
     trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
-    stimuli = dm.stimuli.folder.resolve() if dm.stimuli is not None else None
-    info = {"method": job.method, "subject": job.subject, "roi": job.roi,
-            "outputs": str(out.dir.relative_to(out.run_dir)),
-            "stimuli": None if stimuli is None else str(stimuli),
-            "input_size": list(job.encoder.input_size), "labels": labels,
-            "failures": failures, **job.info}
+    info = _run_info(job, labels, failures)
     if trues:  # per-image and mean scores on display and raw images, with 95% intervals
         run = Run(out.run_dir, info, recons=recons, trues=trues,
                   final_loss={lab: float(h[-1]) for lab, h in histories.items()},
                   note=None if len(trues) == len(labels) else
-                  f"no true image in {stimuli}: not scored")
+                  f"no true image in {info['stimuli']}: not scored")
         for r in write_job_metrics(run):
             if r.get("scored_on") == "display" and r["label"] in rows:
                 rows[r["label"]].update({k: v for k, v in r.items() if k in METRICS})
@@ -95,6 +90,16 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     _print_summary(job, table, summary, failures)
     objective = summary.get("pixel_corr", summary.get("final_loss", float("nan")))
     return JobSummary(table, failures, done, summary, float(objective))
+
+
+def _run_info(job: Job, labels: list[str], failures: Mapping[str, str]) -> dict[str, Any]:
+    """``run_info.json``: what the job was; it makes its directory a run for the review."""
+    out, stimuli = job.outputs, job.datamodule.stimuli
+    return {"method": job.method, "subject": job.subject, "roi": job.roi,
+            "outputs": str(out.dir.relative_to(out.run_dir)),
+            "stimuli": None if stimuli is None else str(stimuli.folder.resolve()),
+            "input_size": list(job.encoder.input_size), "labels": labels,
+            "failures": dict(failures), **job.info}
 
 
 def _feature_fit(job: Job, labels: list[str], images: Mapping[str, Variables],
