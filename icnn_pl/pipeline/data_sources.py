@@ -80,7 +80,9 @@ def _demo(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
     stimuli = ImageFolder(demo.stimuli_dir, encoder.input_size)
     if not decoded:
         return DataSource(TrueFeatures(demo.true_dir, layers), TRUE_FEATURES, stimuli, "none")
-    ref_std = None if d.get("std_ref") else load_reference_std(demo.std_file, layers)
+    # the demo's own reference stds, unless the user gives some or none are needed
+    needs_own = not d.get("std_ref") and d.get("std_correction", "none") != "none"
+    ref_std = load_reference_std(demo.std_file, layers) if needs_own else None
     return DataSource(DecodedFeatures(demo.decoded_dir, sub, cfg.roi, layers), sub, stimuli,
                       ref_std=ref_std)
 
