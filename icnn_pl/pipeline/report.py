@@ -59,11 +59,11 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     for lab in labels:
         if lab not in images:  # finished by another shard
             images[lab] = out.read(lab)
-        if lab not in rows:  # finished by an earlier run
-            history = np.ravel(images[lab]["loss_history"])
-            rows[lab] = result_row(job, lab, history, len(history))
     recons = {lab: images[lab]["recon_image"] for lab in labels}
     histories = {lab: np.ravel(images[lab]["loss_history"]) for lab in labels}
+    for lab in labels:
+        if lab not in rows:  # finished by an earlier run
+            rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]))
     trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
     info = _run_info(job, labels, failures)
