@@ -66,3 +66,17 @@ def _one_thread_for_tiny_nets(request):
             yield
     else:
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run where CUDA is usable (``python -m benchmarks.device_check``
+    runs them on a lent GPU) and are skipped elsewhere; every other test picks its device
+    explicitly (the CPU) and never moves to a GPU by itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from engine_helpers import TinyGenerator, tiny_encoder, tiny_targets
 
@@ -75,14 +76,50 @@ def test_bf16_mixed_runs_and_stays_close_to_float32(recipe):
     assert not np.array_equal(half.loss_history, full.loss_history)  # bf16 really ran
 
 
-def test_tf32_is_off_unless_asked_for():
-    try:
-        make_trainer(1, accelerator="cpu", devices=1, tf32=True)
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
-    finally:
-        make_trainer(1, accelerator="cpu", devices=1)
-    # PyTorch's own default allows TF32 in cuDNN convolutions; ours is strict float32.
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+class _Probe(pl.Callback):
+    """Records the process's numerics settings while the fit runs."""
 
+    def __init__(self) -> None:
+        self.seen: dict[str, object] = {}
+
+    def on_train_start(self, trainer, module) -> None:
+        self.seen = _numerics()
+
+
+def _numerics() -> dict[str, object]:
+    cudnn = torch.backends.cudnn
+    return {"matmul": torch.backends.cuda.matmul.fp32_precision,
+            "conv": cudnn.conv.fp32_precision, "deterministic": cudnn.deterministic,
+            "benchmark": cudnn.benchmark,
+            "algorithms": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+
+
+@pytest.mark.parametrize(("options", "inside"), [
+    # strict float32 unless asked (PyTorch's default allows TF32 in cuDNN convolutions)
+    ({}, {"matmul": "ieee", "conv": "ieee"}),
+    ({"tf32": True}, {"matmul": "tf32", "conv": "tf32"}),
+    ({"tf32": None}, {}),  # None: the process's own settings
+    # deterministic cuDNN; torch's deterministic algorithms warn (adaptive pooling) not raise
+    ({"deterministic": True}, {"matmul": "ieee", "conv": "ieee", "deterministic": True,
+                               "benchmark": False, "algorithms": True, "warn_only": True}),
+])
+def test_numerics_hold_while_fitting_and_are_restored(options, inside):
+    torch.backends.cudnn.benchmark = True  # a caller's own setting, kept outside the fit
+    before = _numerics()
+    allow_tf32 = torch.backends.cudnn.allow_tf32  # reading it raises after a mix of APIs
+    try:
+        probe = _Probe()
+        module = build_reconstruction(_targets(), tiny_encoder(), **GD)
+        fit(module, accelerator="cpu", devices=1, callbacks=[probe], **options)
+        assert probe.seen == {**before, **inside}
+        assert _numerics() == before
+        assert torch.backends.cudnn.allow_tf32 == allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def test_make_trainer_leaves_global_numerics_alone():
+    before = _numerics()
+    make_trainer(1, accelerator="cpu", devices=1)
+    assert _numerics() == before

@@ -380,6 +380,12 @@ def test_subject_ids():
     (["trainer.precision=8-bit"], "trainer.precision"),
     (["trainer.precision=16"], "trainer.precision"),
     (["trainer.tf32=maybe"], "trainer.tf32"),
+    (["trainer.precision=16-mixed"], "trainer.precision"),  # loss scaling vs normalised grads
+    (["trainer.devices=2"], "trainer.devices"),  # DDP would relaunch the script per rank
+    (["trainer.devices=-1"], "trainer.devices"),
+    (["trainer.devices=auto"], "trainer.devices"),
+    (["trainer.devices=[0,1]"], "trainer.devices"),
+    (["trainer.deterministic=maybe"], "trainer.deterministic"),
 ])
 def test_check_config_rejects(overrides, key):
     with pytest.raises(ConfigError) as err:

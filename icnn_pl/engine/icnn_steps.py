@@ -9,6 +9,7 @@ Every operation is per image (dim 0 is the batch) and runs on the parameter's de
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,32 +35,43 @@ def normalize_grad_(g: Tensor) -> Tensor:
     return g
 
 
+# Cached per (size, radius, device) and per (sigma, device, dtype): the blur schedule is the
+# same for every image of a job, so after the first image no iteration rebuilds them.
+@functools.lru_cache(maxsize=256)
 def _reflect_index(n: int, radius: int, device: torch.device) -> Tensor:
     # scipy's mode "reflect" (d c b a | a b c d | d c b a), for any radius.
     idx = torch.arange(-radius, n + radius, device=device) % (2 * n)
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
 
 
+@functools.lru_cache(maxsize=4096)
+def _gaussian_kernel(sigma: float, radius: int, device: torch.device,
+                     dtype: torch.dtype) -> Tensor:
+    k = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    k = torch.exp(-0.5 / sigma ** 2 * k * k)
+    return (k / k.sum()).to(dtype)
+
+
 def gaussian_blur(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Per-channel Gaussian blur of (B, C, H, W), matching ``scipy.ndimage.gaussian_filter``
-    (mode reflect, truncate 4.0), computed on ``x``'s device."""
+    (mode reflect, truncate 4.0), computed on ``x``'s device in ``x``'s dtype (also under
+    a mixed-precision autocast, which would otherwise round the image to 16 bits)."""
     if sigma <= 0:
         return x
     radius = int(truncate * float(sigma) + 0.5)
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
-    k = torch.exp(-0.5 / float(sigma) ** 2 * k * k)
-    k = (k / k.sum()).to(x.dtype)
+    k = _gaussian_kernel(float(sigma), radius, x.device, x.dtype)
     b, c, h, w = x.shape
     y = x.reshape(b * c, 1, h, w)
-    y = F.conv2d(y.index_select(2, _reflect_index(h, radius, x.device)), k.view(1, 1, -1, 1))
-    y = F.conv2d(y.index_select(3, _reflect_index(w, radius, x.device)), k.view(1, 1, 1, -1))
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.conv2d(y.index_select(2, _reflect_index(h, radius, x.device)), k.view(1, 1, -1, 1))
+        y = F.conv2d(y.index_select(3, _reflect_index(w, radius, x.device)), k.view(1, 1, 1, -1))
     return y.view(b, c, h, w)
 
 
 def _percentile(x: Tensor, pct: float) -> Tensor:
     """Per-image percentile (numpy's linear interpolation) of a (B, ...) tensor, shaped to
-    broadcast against ``x``."""
-    q = torch.tensor(min(max(pct, 0.0), 100.0) / 100.0, device=x.device, dtype=x.dtype)
+    broadcast against ``x``; computed on ``x``'s device (a Python ``q``: no host copy)."""
+    q = min(max(float(pct), 0.0), 100.0) / 100.0
     return _per_image(torch.quantile(x.flatten(1), q, dim=1), x)
 
 

@@ -93,6 +93,7 @@ class Reconstruction(pl.LightningModule):
         self._history: list[torch.Tensor] = []
         self._last_image: torch.Tensor | None = None
         self._last_code: torch.Tensor | None = None
+        self._final: ReconResult | None = None  # made at the end of training (on_train_end)
 
     @property
     def encoder(self) -> FeatureEncoder:
@@ -141,9 +142,9 @@ class Reconstruction(pl.LightningModule):
             opt.step(closure=self._closure)
         else:
             self._gradient_step(opt, int(t))
-        if self.logger is None:
+        if self.logger is None or not _logs_this_step(self.trainer):
             return
-        last = self.last_loss
+        last = self.last_loss  # self.log copies each value: only on steps that are written
         self.log_dict({f"loss/{lab}": last[i] for i, lab in enumerate(self.labels)},
                       on_step=True, logger=True, batch_size=len(self.labels))
 
@@ -177,9 +178,18 @@ class Reconstruction(pl.LightningModule):
             self._last_code = self.param.value.detach().clone()
 
     # -- results --------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        # Before Lightning's teardown, which may move the module (and the code) to another
+        # device than the generator's: the result is made while everything is in place.
+        self._final = None
+        self._final = self.result()
+
     @torch.no_grad()
     def result(self) -> ReconResult:
-        """Final images (RGB, 0-255, unclipped), loss history and codes."""
+        """Final images (RGB, 0-255, unclipped), loss history and codes; after a fit, the
+        result made when training ended, whatever was done to the module since."""
+        if self._final is not None:
+            return self._final
         if self.return_last_forward and self._last_image is not None:
             image, code = self._last_image, self._last_code
         else:
@@ -194,3 +204,9 @@ class Reconstruction(pl.LightningModule):
             n_evals=history.shape[1],
         )
 
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer writes logged values at this step (every ``log_every_n_steps``
+    and at the end)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))

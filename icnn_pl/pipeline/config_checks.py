@@ -48,7 +48,8 @@ def check_config(cfg: DictConfig) -> None:
     _check_layer_names(cfg)
     check_logger(cfg.logger.kind, cfg.logger.get("mode", "offline"))
     t = cfg.trainer
-    check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False))
+    check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False),
+                          plain(t.get("devices", 1)), t.get("deterministic", False))
     _check_data(cfg)
     _check_paths_exist(cfg)
     _check_values(cfg)
