@@ -17,12 +17,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from icnn_pl.errors import IcnnError
+from icnn_pl.pipeline.devices import pin_job_gpu, remember_host_gpus
 from icnn_pl.pipeline.factory import build_job, register_resolvers
 from icnn_pl.pipeline.failures import end_failed_job
 from icnn_pl.pipeline.job import run_job
 from icnn_pl.pipeline.loggers import finish
 
 register_resolvers()
+remember_host_gpus()  # for the jobs of a local multirun: job (shard) i on GPU i
 log = logging.getLogger("train_recon")
 
 
@@ -32,6 +34,8 @@ def main(cfg: DictConfig) -> float:
     run_dir = hc.runtime.output_dir
     in_sweep = hc.mode.name == "MULTIRUN"
     group = hc.sweep.dir if in_sweep else None  # W&B: a sweep's runs side by side
+    # before anything starts CUDA
+    pin_job_gpu(cfg.data.get("shard", 0), cfg.data.get("num_shards", 1), hc.job.get("num", 0))
     try:
         job = build_job(cfg, run_dir, group=group)
     except IcnnError as exc:

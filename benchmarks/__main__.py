@@ -30,7 +30,8 @@ SUITE = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:i]: never chosen by itself")
     parser.add_argument("--only", nargs="+", choices=list(SUITE), default=list(SUITE))
     args = parser.parse_args(argv)
     kind = "gpu" if torch.device(args.device).type == "cuda" else "cpu"

@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every benchmark takes: where it runs, at what size, where the CSV goes."""
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:i]: never chosen by itself")
     parser.add_argument("--size", type=int, default=224, help="image side (paper: 224)")
     parser.add_argument("--out", type=Path, default=None, help="CSV file for the table")
 

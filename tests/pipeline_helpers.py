@@ -35,7 +35,8 @@ ENTRY = "train_recon.py"
 
 # Tiny settings for every real run: VGG19 at 64x64 is ~16x cheaper than at 224.
 SIZE = 64
-TINY = [f"network.input_size=[{SIZE},{SIZE}]", "method.n_iter=2", "progress=false"]
+# trainer=cpu: tests choose their device; they never switch to a GPU by themselves.
+TINY = [f"network.input_size=[{SIZE},{SIZE}]", "method.n_iter=2", "progress=false", "trainer=cpu"]
 DEMO_LABELS = ("astronaut", "chelsea")
 CONV1 = ("conv1_1", "conv1_2")  # layers=conv1: shape (64, SIZE, SIZE) each
 
