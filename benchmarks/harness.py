@@ -53,8 +53,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def setup_run(args: argparse.Namespace) -> list[str]:
     """Apply ``--threads``; the config overrides that ``--size`` and ``--device`` mean."""
     torch.set_num_threads(args.threads)
-    accelerator = "gpu" if torch.device(args.device).type == "cuda" else "cpu"
-    return [f"network.input_size=[{args.size},{args.size}]", f"trainer.accelerator={accelerator}"]
+    device = torch.device(args.device)
+    trainer = ["trainer.accelerator=cpu"] if device.type != "cuda" else [
+        "trainer.accelerator=gpu", f"trainer.devices=[{device.index or 0}]"]
+    return [f"network.input_size=[{args.size},{args.size}]", *trainer]
 
 
 # -- configs and networks -----------------------------------------------------------------

@@ -327,3 +327,23 @@ def test_cuda_tf32_only_while_fitting():
     assert seen == ["tf32"]
     assert torch.backends.cudnn.allow_tf32 == before
 
+
+
+# -- the device check's arithmetic (the script itself runs in CI: .ci/run, --smoke) ------------
+def test_device_check_slopes_and_throughput():
+    from benchmarks.device_check import images_per_second, slope_and_fixed
+
+    per_iter, fixed = slope_and_fixed(10, 1.5 + 10 * 0.02, 60, 1.5 + 60 * 0.02)
+    assert per_iter == pytest.approx(0.02) and fixed == pytest.approx(1.5)
+    assert images_per_second(16, 0.02, 1.5) == pytest.approx(16 / (1.5 + 200 * 0.02))
+    with pytest.raises(ValueError):
+        slope_and_fixed(10, 1.0, 10, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_device_check_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    from benchmarks.device_check import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--device", "cuda"])
+    assert "--device cpu" in capsys.readouterr().err
