@@ -394,7 +394,8 @@ def test_check_config_rejects(overrides, key):
     assert err.value.fix  # every error says how to fix it
 
 
-@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.tf32=true"])
+@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.tf32=true",
+                                      "trainer.deterministic=true", "trainer.devices=[0]"])
 def test_precision_options_reach_the_trainer(override, tmp_path):
     # the demo (data=demo) is written under data.root: tmp_path, not the checkout's data/demo
     cfg = make(override, "logger=none", "method=icnn_gd", "network.input_size=[32,32]",
@@ -404,6 +405,8 @@ def test_precision_options_reach_the_trainer(override, tmp_path):
     args = config_mod.build_job(cfg, tmp_path).trainer_args
     assert args.get("precision") == cfg.trainer.precision
     assert args.get("tf32", False) == cfg.trainer.tf32
+    assert args["deterministic"] == cfg.trainer.deterministic
+    assert args["devices"] == OmegaConf.to_container(cfg.trainer, resolve=True)["devices"]
 
 
 def test_check_config_accepts_decoded_without_std_correction(tmp_path):
