@@ -56,10 +56,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python train_recon.py *args`` from the repository root."""
+def run_cli(args: Sequence[str], timeout: float = 300, env: Mapping[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """``python train_recon.py *args`` from the repository root (``env``: added variables)."""
     return subprocess.run([sys.executable, ENTRY, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=child_env())
+                          text=True, timeout=timeout, env={**child_env(), **(env or {})})
 
 
 def with_defaults(defaults: Sequence[str], overrides: Sequence[str]) -> list[str]:

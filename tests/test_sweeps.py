@@ -278,7 +278,8 @@ def sharded(demo, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("sharded") / "sweep"
     args = ["-m", "hydra/launcher=local", *common(demo), "data.limit=3",
             "data.num_shards=2", "data.shard=0,1", f"hydra.sweep.dir={sweep}"]
-    first = run_cli(args, timeout=600)
+    # the launching shell's GPUs (none exist here: each job sees one name and uses the CPU)
+    first = run_cli(args, timeout=600, env={"CUDA_VISIBLE_DEVICES": "5,7"})
     jobs = [d for d in sweep.glob("*/shard-0of2") if d.is_dir()]
     job = jobs[0].parent if jobs else sweep / "missing"
     out = job / "true_features" / "VC"
@@ -322,6 +323,9 @@ def test_submitit_shards_reconstruct_every_image_once(sharded):
     # each image reconstructed exactly once, by the shard it belongs to
     logs = sharded["logs"]
     assert finished(logs[0]) == ["astronaut", "coffee"] and finished(logs[1]) == ["chelsea"]
+    # shard i on the launching shell's GPU i (CUDA_VISIBLE_DEVICES=5,7 in the fixture)
+    assert "local job 0 (shard 0 of 2): GPU 5" in logs[0]
+    assert "local job 1 (shard 1 of 2): GPU 7" in logs[1]
     assert sharded["mats"] == [f"{job.name}/true_features/VC/recon_image-{lab}.mat"
                                for lab in LABELS3]
     # each shard its own Hydra config, log and W&B run, grouped by the sweep
