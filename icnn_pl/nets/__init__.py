@@ -47,8 +47,8 @@ def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown network {arch!r}", f"use one of: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
-    net = spec.make()
     if weights is None:
+        net = spec.make()
         spec.init(net, torch.Generator().manual_seed(seed))
         log.warning(
             "%s: no weight file given, using RANDOM weights (seed %d). Reconstructions show"
@@ -56,7 +56,9 @@ def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -
             " file to reproduce it.", arch, seed,
         )
     else:
-        load_weights(net, weights, arch)
+        with torch.device("meta"):  # no memory or init for weights about to be replaced
+            net = spec.make()
+        load_weights(net, weights, arch, spec.layers)
     return freeze(net)
 
 
