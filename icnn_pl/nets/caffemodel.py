@@ -312,21 +312,20 @@ def _copy_blob(buf: mmap.mmap, blob: BlobInfo) -> np.ndarray:
     out = np.empty(blob.count, dtype=np.float32)
     i = 0
     for seg in blob.segments:
-        item = int(seg.dtype[-1])
-        if seg.stride == item:  # packed: one contiguous copy
-            src = np.frombuffer(buf, seg.dtype, count=seg.count, offset=seg.offset)
-            out[i:i + seg.count] = src
-            del src
-        else:  # unpacked: skip the key byte before each value
-            for j in range(0, seg.count, _CHUNK):
-                n = min(_CHUNK, seg.count - j)
-                raw = np.frombuffer(buf, np.uint8, count=n * seg.stride,
+        packed = seg.stride == int(seg.dtype[-1])
+        for j in range(0, seg.count, _CHUNK):  # chunks: at most one chunk's pages mapped
+            n = min(_CHUNK, seg.count - j)
+            if packed:
+                src = np.frombuffer(buf, seg.dtype, count=n, offset=seg.offset + j * seg.stride)
+                out[i + j:i + j + n] = src
+            else:  # skip the key byte before each value
+                src = np.frombuffer(buf, np.uint8, count=n * seg.stride,
                                     offset=seg.offset + j * seg.stride - 1)
-                vals = raw.reshape(n, seg.stride)[:, 1:].copy().view(seg.dtype).ravel()
-                out[i + j:i + j + n] = vals
-                del raw
+                out[i + j:i + j + n] = src.reshape(n, seg.stride)[:, 1:].copy().view(
+                    seg.dtype).ravel()
+            del src
+            _drop_pages(buf, seg.offset + j * seg.stride - 1, n * seg.stride + 1)
         i += seg.count
-        _drop_pages(buf, seg.offset - 1, seg.count * seg.stride + 1)
     return out
 
 
