@@ -115,3 +115,12 @@ def write(path, pieces: Iterable[bytes]) -> None:
     with open(path, "wb") as f:
         for p in pieces:
             f.write(p)
+
+
+def write_generator(path, generator) -> None:
+    """A relu7 generator module as the DeePSiM release's ``generator.caffemodel``: current
+    format, InnerProduct defc7..defc5, Deconvolution deconv5..deconv0, packed data."""
+    state = {k: v.numpy() for k, v in generator.state_dict().items()}
+    names = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in state))
+    write(path, net([(n, "InnerProduct" if n.startswith("defc") else "Deconvolution",
+                      [state[f"{n}.weight"], state[f"{n}.bias"]]) for n in names], v1=False))

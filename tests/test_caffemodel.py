@@ -7,42 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from caffe_writer import net, vgg_layers, write
+from caffe_writer import net, vgg_layers, write, write_generator
+from custom_nets import MiniVGG
 from torch import nn
 
 from icnn_pl.errors import WeightsError
 from icnn_pl.nets import build_encoder, build_generator, build_network
 from icnn_pl.nets.caffemodel import caffe_layer_map, caffe_state_dict, read_layers
 from icnn_pl.nets.encoder import FeatureEncoder
-from icnn_pl.nets.generator import _DECONV, _FC
 from icnn_pl.nets.vgg import VGG19_LAYERS
 from icnn_pl.nets.weights import load_weights, main, read_state_dict
-
-_CFG = [4, 4, "M", 8, 8, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"]
-
-
-class MiniVGG(nn.Module):
-    """VGG19's module tree (the same indices) with few channels: the real name map and the
-    fc6 flatten order (C, H, W over a 2x2 map) at a test's cost."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = 3
-        for v in _CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.ReLU()]
-                c = int(v)
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-        self.classifier = nn.Sequential(nn.Linear(8 * 2 * 2, 16), nn.ReLU(), nn.Dropout(),
-                                        nn.Linear(16, 16), nn.ReLU(), nn.Dropout(),
-                                        nn.Linear(16, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def _features(module: nn.Module, size: int = 64) -> dict[str, torch.Tensor]:
@@ -105,12 +79,8 @@ def test_vgg19_caffemodel_through_build_encoder(tmp_path):
 def generator_file(tmp_path_factory):
     """The relu7 generator as the DeePSiM release stores it (current format, packed)."""
     reference = build_generator(seed=5)
-    state = {k: v.numpy() for k, v in reference.state_dict().items()}
-    layers = [(n, "InnerProduct", [state[f"{n}.weight"], state[f"{n}.bias"]]) for n in _FC]
-    layers += [(n, "Deconvolution", [state[f"{n}.weight"], state[f"{n}.bias"]])
-               for n, *_ in _DECONV]
     path = tmp_path_factory.mktemp("gen") / "generator.caffemodel"
-    write(path, net(layers, v1=False))
+    write_generator(path, reference)
     return reference, path
 
 

@@ -344,7 +344,9 @@ def caffe_layer_map(module: torch.nn.Module, layer_mapping: Mapping[str, str] | 
     """Caffe layer name -> module path for every module holding parameters: the feature
     name that ``layer_mapping`` gives the module (VGG19: ``conv1_1`` -> ``features.0``),
     else the module path itself (the relu7 generator: ``defc7``, ``deconv5``, ...)."""
-    names = {path: name for name, path in (layer_mapping or {}).items()}
+    from icnn_pl.nets.encoder import parse_tap  # bdpy's features[0] -> features.0
+
+    names = {parse_tap(module, spec).path: name for name, spec in (layer_mapping or {}).items()}
     return {names.get(path, path): path for path, m in module.named_modules()
             if any(True for _ in m.parameters(recurse=False))}
 

@@ -59,7 +59,8 @@ class Tap:
 
 def parse_tap(net: nn.Module, spec: str) -> Tap:
     """``features[0]`` / ``features.0`` -> module ``features.0``; a trailing ``[i]`` that is
-    not a child module selects element ``i`` of the output (``blocks.3.attn[0]``)."""
+    not a child module selects element ``i`` of the output (``blocks.3.attn[0]``), except
+    on containers (Sequential, ModuleList), where it must be a child."""
     parts: list[str | int] = []
     pos = 0
     for m in _PATH_TOKEN.finditer(spec):
@@ -80,7 +81,8 @@ def parse_tap(net: nn.Module, spec: str) -> Tap:
         if child in module._modules:
             module = module._modules[child]
             path.append(child)
-        elif isinstance(part, int) and all(isinstance(p, int) for p in parts[i:]):
+        elif isinstance(part, int) and all(isinstance(p, int) for p in parts[i:]) \
+                and not isinstance(module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
             return Tap(".".join(path), tuple(int(p) for p in parts[i:]))
         else:
             return _unknown_path(net, spec)
