@@ -61,6 +61,23 @@ def test_bdpy_bracketed_map_equals_the_dotted_one():
     np.testing.assert_array_equal(img_a, img_b)
 
 
+def test_bdpys_own_layer_map_works():
+    """bdpy's ``layer_map('vgg19')`` as is (bracketed paths, and relu6/relu7 taps)."""
+    models = pytest.importorskip("bdpy.dl.torch.models")
+    bdpy_map = models.layer_map("vgg19")
+    torch.manual_seed(0)
+    module = MiniVGG()
+    enc = FeatureEncoder(module, bdpy_map, input_size=(32, 32))
+    feats = _features(enc, bdpy_map, 32)
+    ref = _features(FeatureEncoder(module, VGG19_LAYERS, input_size=(32, 32)), VGG19_LAYERS, 32)
+    assert all(np.array_equal(feats[k], ref[k]) for k in VGG19_LAYERS)
+    np.testing.assert_array_equal(feats["relu7"], np.maximum(ref["fc7"], 0))
+    targets = {k: feats[k] for k in ("conv1_1", "conv3_1", "relu7")}
+    _, loss = icnn_gd.reconstruct_image(targets, module, layer_mapping=bdpy_map,
+                                        input_size=(32, 32), iter_n=4)
+    assert loss[-1] < loss[0]
+
+
 def test_unknown_module_path_is_named_not_blamed_on_the_input_size():
     enc = FeatureEncoder(MiniVGG(), {"conv9": "features[99]"}, input_size=(32, 32))
     with pytest.raises(ConfigError, match=r"no module 'features\[99\]'") as exc:
@@ -185,7 +202,10 @@ def test_train_recon_with_custom_network_and_caffemodel_generator(tmp_path):
     results = run_many([
         [*common, "method=icnn_dgn_gd", "method.n_iter=1", f"generator.weights={gen_file}",
          f"hydra.run.dir={tmp_path / 'dgn'}"],
-        [*common, "method=icnn_gd", "method.n_iter=2", f"hydra.run.dir={tmp_path / 'gd'}"],
+        # bdpy-style bracketed paths from the command line (quoted for Hydra)
+        [*common, "method=icnn_gd", "method.n_iter=2", f"hydra.run.dir={tmp_path / 'gd'}",
+         "network.layer_mapping={stem:'stem[0]',block1:layer1,block2:layer2,block3:layer3,"
+         "fc:fc}"],
         [*common, "network.module={_target_:my_lab.nets.ResNet18}",
          f"hydra.run.dir={tmp_path / 'bad'}"],
     ])
