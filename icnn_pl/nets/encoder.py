@@ -188,6 +188,7 @@ class FeatureEncoder(nn.Module):
         self._taps = _Taps()
         self._tap_of: dict[tuple[str, str | None], Tap] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._plans: dict[tuple, tuple[dict, list]] = {}
         weakref.finalize(self, _remove_handles, self._handles)
         self.eval()
 
@@ -323,17 +324,14 @@ class FeatureEncoder(nn.Module):
         """One pass reading ``names``. The hooks stay registered between passes (one per
         tapped module); only what they read changes."""
         taps = self._taps
-        wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-        for n in names:
-            tap = self.tap(n)
-            wanted.setdefault(tap.path, []).append((n, tap.select))
-        for path in wanted:
-            module = self.net.get_submodule(path) if path else self.net
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = module.register_forward_hook(taps.hook(path))
+        key = (tuple(names), tuple(self.layer_mapping.get(n) for n in names))
+        plan = self._plans.get(key)
+        if plan is None or any(h.id not in m._forward_hooks for m, h in plan[1]):
+            plan = self._plans[key] = self._plan(names)
+        wanted, hooked = plan
+        for module, handle in hooked:
             hooks = module._forward_hooks
-            if next(reversed(hooks), None) != handle.id:
+            if next(reversed(hooks)) != handle.id:
                 # ours runs after any hook added since (as one registered for this pass
                 # would): a hook of the user's on the deepest layer still sees its output
                 hooks.move_to_end(handle.id)
@@ -345,6 +343,22 @@ class FeatureEncoder(nn.Module):
             return taps.captured
         finally:
             taps.active, taps.captured, taps.on_call = False, {}, None
+
+    def _plan(self, names: Sequence[str]) -> tuple[dict, list]:
+        """What the hooks read for ``names`` (module path -> names and output indices),
+        and the tapped modules with their hooks, registered here the first time."""
+        wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        for n in names:
+            tap = self.tap(n)
+            wanted.setdefault(tap.path, []).append((n, tap.select))
+        hooked = []
+        for path in wanted:
+            module = self.net.get_submodule(path) if path else self.net
+            handle = self._handles.get(path)
+            if handle is None or handle.id not in module._forward_hooks:
+                handle = self._handles[path] = module.register_forward_hook(self._taps.hook(path))
+            hooked.append((module, handle))
+        return wanted, hooked
 
     def remove_hooks(self) -> None:
         """Remove this encoder's hooks from the network now (they come back on next use)."""
