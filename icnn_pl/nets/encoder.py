@@ -189,6 +189,7 @@ class FeatureEncoder(nn.Module):
         self._tap_of: dict[tuple[str, str | None], Tap] = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._plans: dict[tuple, tuple[dict, list]] = {}
+        self._space_consts: dict[tuple, tuple[torch.Tensor, ...]] = {}
         weakref.finalize(self, _remove_handles, self._handles)
         self.eval()
 
@@ -311,11 +312,14 @@ class FeatureEncoder(nn.Module):
         """The Caffe-space image as the network takes it (see ``input_space``)."""
         if self.input_space == "caffe_bgr":
             return image
-        kw = {"dtype": image.dtype, "device": image.device}
-        mean_bgr = torch.tensor(self.mean_bgr, **kw).view(1, 3, 1, 1)
+        key = (image.device, image.dtype)
+        if key not in self._space_consts:  # made once per device (no copy every pass)
+            kw = {"dtype": image.dtype, "device": image.device}
+            self._space_consts[key] = tuple(
+                torch.tensor(v, **kw).view(1, 3, 1, 1)
+                for v in (self.mean_bgr, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB))
+        mean_bgr, mean, std = self._space_consts[key]
         rgb01 = (image + mean_bgr).flip(1) / 255.0
-        mean = torch.tensor(IMAGENET_MEAN_RGB, **kw).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD_RGB, **kw).view(1, 3, 1, 1)
         return (rgb01 - mean) / std
 
     # -- hooks -------------------------------------------------------------------------
