@@ -132,17 +132,29 @@ def test_rgb_imagenet_input_is_converted_in_the_encoder():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_residual_network_reconstructs_without_blowing_up():
-    """DeepImageReconstruction issue 12: a ResNet's loss blew up after ~35 iterations.
-    Here the loss falls steadily over 60 iterations and the image resembles the target."""
+def _reconstruct(module: torch.nn.Module, mapping, input_space: str):
+    """icnn_gd, 60 iterations at 32x32 from the module's own features of one photograph:
+    (loss / first loss, largest rise above the running minimum after iteration 10, pixel r)."""
     torch.manual_seed(0)
-    enc = build_encoder(TinyResNet(width=8), layer_mapping=RESNET_MAP, input_size=(32, 32),
-                        input_space="rgb_imagenet")
-    img, loss = icnn_gd.reconstruct_image(_features(enc, RESNET_MAP, 32), enc, iter_n=60)
-    assert loss[-1] < 0.5 * loss[0]
-    running_min = np.minimum.accumulate(loss)
-    assert np.all(loss[10:] <= 1.05 * running_min[10:]), "the loss rose after iteration 10"
-    assert np.corrcoef(img.ravel(), _image(32).astype(float).ravel())[0, 1] > 0.4
+    enc = build_encoder(module, layer_mapping=mapping, input_size=(32, 32),
+                        input_space=input_space)
+    img, loss = icnn_gd.reconstruct_image(_features(enc, mapping, 32), enc, iter_n=60)
+    rise = float(np.max(loss[10:] / np.minimum.accumulate(loss)[10:]))
+    return loss[-1] / loss[0], rise, np.corrcoef(img.ravel(), _image(32).ravel())[0, 1]
+
+
+def test_residual_network_reconstructs_as_well_as_vgg():
+    """DeepImageReconstruction issue 12: a ResNet's loss blew up after ~35 iterations.
+    Here a residual network's loss falls steadily (small wiggles from the blur step, as with
+    VGG; a blow-up would multiply it) and its image matches the target as well as a VGG19
+    tree's does. Measured here: ResNet 0.41 / 1.04 / r 0.65, MiniVGG 0.29 / 1.08 / r 0.47."""
+    torch.manual_seed(0)
+    res = _reconstruct(TinyResNet(width=8), RESNET_MAP, "rgb_imagenet")
+    torch.manual_seed(0)
+    vgg = _reconstruct(MiniVGG(), VGG19_LAYERS, "caffe_bgr")
+    assert res[0] < 0.5 and vgg[0] < 0.5
+    assert res[1] < 1.2, "the residual network's loss rose well above its minimum"
+    assert res[2] > 0.4 and res[2] >= vgg[2] - 0.05
 
 
 def test_custom_module_with_caffemodel_weights_and_bdpy_map(tmp_path):
