@@ -43,6 +43,13 @@ def test_module_graph_and_hooks_are_freed_after_each_image():
         del module
     gc.collect()
     assert all(r() is None for r in refs), "a module or its parameter outlived its image"
+    # one hook per tapped module, registered once and kept for the encoder's life (not
+    # one per pass or per image); none on the generator; remove_hooks() takes them off
+    tapped = {encoder.module_path(n) for n in _targets()}
+    hooked = {name for name, m in encoder.net.named_modules() if m._forward_hooks}
+    assert hooked == tapped
+    assert all(len(encoder.net.get_submodule(p)._forward_hooks) == 1 for p in tapped)
+    encoder.remove_hooks()
     assert all(not m._forward_hooks and not m._forward_pre_hooks
                for net in (encoder.net, generator) for m in net.modules())
     assert not any(p.requires_grad or p.grad is not None

@@ -36,6 +36,12 @@ NEEDS_ROOT = {"decoded", "decoded_caffe", "true_features"}
 LBFGS = ("icnn_lbfgs", "icnn_dgn_lbfgs")
 GD = ("icnn_gd", "icnn_dgn_gd")
 
+# options that compose only together with others (network=custom names its module)
+CUSTOM_NET = ("network=custom", "network.module={_target_:icnn_pl.nets.examples.TinyResNet}",
+              "network.layer_mapping={block1:layer1,fc:fc}")
+COMPANIONS = {("network", "custom"): CUSTOM_NET[1:], ("layers", "mapped"): CUSTOM_NET}
+
+
 def _param(group: str, option: str):
     return pytest.param(group, option, id=f"{group}={option}")
 
@@ -87,7 +93,7 @@ def test_every_group_has_options_and_its_default_is_one():
 
 @pytest.mark.parametrize(("group", "option"), [_param(g, o) for g, o in GROUP_OPTIONS])
 def test_option_composes_and_checks(group, option):
-    cfg = make(f"{group}={option}")
+    cfg = make(f"{group}={option}", *COMPANIONS.get((group, option), ()))
     if group == "experiment":
         assert cfg.method.name in METHODS
     elif group == "method":
@@ -97,7 +103,7 @@ def test_option_composes_and_checks(group, option):
     if group == "data":
         assert cfg.data.kind == option or option == "demo" and cfg.data.kind == "demo"
     if group == "network":
-        assert cfg.network.arch in ARCHITECTURES
+        assert cfg.network.arch in ARCHITECTURES or cfg.network.arch == "custom"
     if group == "generator":
         assert cfg.generator.arch in ARCHITECTURES
     if group == "logger":
@@ -113,6 +119,9 @@ def test_option_composes_and_checks(group, option):
             config_mod.check_config(cfg)
     elif (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu"):
+            config_mod.check_config(cfg)
+    elif (group, option) == ("network", "custom"):  # layers=all are VGG19's layers
+        with pytest.raises(ConfigError, match=r"layers=mapped"):
             config_mod.check_config(cfg)
     elif (group, option) != ("experiment", "fig2"):  # see test_experiment_fig2_requires_*
         config_mod.check_config(cfg)

@@ -7,7 +7,7 @@ for encoders, its feature-name -> module-path map.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +47,8 @@ def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown network {arch!r}", f"use one of: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
-    net = spec.make()
     if weights is None:
+        net = spec.make()
         spec.init(net, torch.Generator().manual_seed(seed))
         log.warning(
             "%s: no weight file given, using RANDOM weights (seed %d). Reconstructions show"
@@ -56,20 +56,36 @@ def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -
             " file to reproduce it.", arch, seed,
         )
     else:
-        load_weights(net, weights, arch)
+        with torch.device("meta"):  # no memory or init for weights about to be replaced
+            net = spec.make()
+        load_weights(net, weights, arch, spec.layers)
     return freeze(net)
 
 
 def build_encoder(
-    arch: str = "vgg19",
+    arch: str | nn.Module = "vgg19",
     weights: str | Path | None = None,
     mean_bgr: Sequence[float] = PAPER_MEAN_BGR,
     input_size: tuple[int, int] = (224, 224),
     seed: int = 0,
+    *,
+    layer_mapping: Mapping[str, str] | None = None,
+    input_space: str = "caffe_bgr",
 ) -> FeatureEncoder:
-    """A frozen encoder read out at its named layers (conv1_1 ... fc8 for VGG19)."""
+    """A frozen encoder read out at its named layers (conv1_1 ... fc8 for VGG19).
+
+    ``arch`` is a name of ``ARCHITECTURES`` or any ``nn.Module`` (a custom encoder: give
+    ``layer_mapping``, and ``input_space="rgb_imagenet"`` for torchvision-style models);
+    ``weights`` is then loaded into the module (a ``.caffemodel`` by layer name).
+    """
+    if isinstance(arch, nn.Module):
+        net = arch
+        if weights is not None:
+            load_weights(net, weights, type(net).__name__, layer_mapping)
+        return FeatureEncoder(freeze(net), layer_mapping, mean_bgr, input_size, input_space)
     net = build_network(arch, weights, seed)
-    return FeatureEncoder(net, ARCHITECTURES[arch].layers, mean_bgr, input_size)
+    mapping = {**ARCHITECTURES[arch].layers, **(layer_mapping or {})}
+    return FeatureEncoder(net, mapping, mean_bgr, input_size, input_space)
 
 
 def build_generator(

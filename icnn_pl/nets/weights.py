@@ -1,4 +1,5 @@
-"""Weight files: bdpy ``.pt`` state dicts, torchvision ``.pth``, ``.safetensors``.
+"""Weight files: bdpy ``.pt`` state dicts, torchvision ``.pth``, ``.safetensors``, and
+Caffe ``.caffemodel`` files (read by ``icnn_pl.nets.caffemodel``, matched by layer name).
 
 Nothing is ever downloaded: weights come from a path the user gives. A file that does not
 fit the architecture fails with the missing, unexpected and mis-shaped keys listed.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from icnn_pl.errors import WeightsError
+from icnn_pl.nets.caffemodel import caffe_layer_map, caffe_state_dict, read_caffemodel
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,13 @@ _GENERATOR_ALIASES = {
 }
 
 
+def is_caffemodel(path: str | Path) -> bool:
+    return Path(path).suffix == ".caffemodel"
+
+
 def read_state_dict(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors`` or a torch file (``.pt``/``.pth``/``.bin``)."""
+    """Read a state dict from ``.safetensors``, a torch file (``.pt``/``.pth``/``.bin``) or
+    a ``.caffemodel`` (keys ``<caffe layer>.weight``/``.bias``, shapes as in the file)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -40,6 +47,8 @@ def read_state_dict(path: str | Path) -> StateDict:
             "pass the path of an existing file (e.g. network.weights=/abs/path/"
             "VGG_ILSVRC_19_layers.pt) or leave it null to use a seeded random network",
         )
+    if is_caffemodel(path):
+        return read_caffemodel(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -84,11 +93,22 @@ KEY_FIXERS: dict[str, Callable[[Mapping[str, torch.Tensor]], StateDict]] = {
 }
 
 
-def load_weights(module: nn.Module, path: str | Path, arch: str) -> nn.Module:
-    """Load ``path`` into ``module`` strictly; mismatches list every offending key."""
-    state = read_state_dict(path)
-    state = KEY_FIXERS.get(arch, dict)(state)
+def load_weights(module: nn.Module, path: str | Path, arch: str,
+                 layer_mapping: Mapping[str, str] | None = None) -> nn.Module:
+    """Load ``path`` into ``module`` strictly; mismatches list every offending key.
+
+    A ``.caffemodel`` is matched by Caffe layer name: the feature names of
+    ``layer_mapping`` (``conv1_1`` -> ``features.0``), else module paths. A module built on
+    the meta device (no memory, no initialisation) takes the loaded tensors as they are.
+    """
     expected = module.state_dict()
+    if is_caffemodel(path):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            read_state_dict(path)  # the not-found message
+        state = caffe_state_dict(path, expected, caffe_layer_map(module, layer_mapping))
+    else:
+        state = KEY_FIXERS.get(arch, dict)(read_state_dict(path))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = [
@@ -109,7 +129,9 @@ def load_weights(module: nn.Module, path: str | Path, arch: str) -> nn.Module:
             f"give a weight file made for {arch} (see README: weight files), or pick the"
             " matching network/generator config",
         )
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    on_meta = any(t.is_meta for t in expected.values())
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()},
+                           assign=on_meta)
     log.info("loaded %s weights from %s", arch, path)
     return module
 
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     from icnn_pl.nets import build_network
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("src", help="bdpy .pt, torchvision .pth or .safetensors file")
+    parser.add_argument("src", help="bdpy .pt, torchvision .pth, .safetensors or .caffemodel file")
     parser.add_argument("dst", help="output .safetensors path")
     parser.add_argument("--arch", required=True, help="vgg19, vgg19_leaky or relu7")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ generator group) is checked here.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import hydra.utils
@@ -26,6 +27,7 @@ from icnn_pl.engine.reconstruction import OptimizerFactory
 from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets import ARCHITECTURES
+from icnn_pl.nets.encoder import INPUT_SPACES
 from icnn_pl.pipeline.data_sources import (
     DATA_SOURCES,
     DEMO_SOURCES,
@@ -37,6 +39,7 @@ from icnn_pl.pipeline.data_sources import (
 from icnn_pl.pipeline.loggers import check_logger
 
 METHOD_PARAMS = ("pixel", "code")
+CUSTOM = "custom"  # network.arch of network=custom (network.module builds the encoder)
 # Files a config may name: they must exist before the (slow) networks are built.
 FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "data.std_ref",
              "data.train_mean", "data.stimuli")
@@ -45,6 +48,7 @@ FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "dat
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of config values, before anything is built."""
     _check_method(cfg)
+    _check_network(cfg)
     _check_layer_names(cfg)
     check_logger(cfg.logger.kind, cfg.logger.get("mode", "offline"))
     t = cfg.trainer
@@ -94,6 +98,14 @@ def _check_layer_names(cfg: DictConfig) -> None:
                           "pick a layers option (layers=all, conv, conv1-3, ...)")
     arch = cfg.network.arch
     known = ARCHITECTURES[arch].layers if arch in ARCHITECTURES else {}
+    if arch == CUSTOM:
+        known = plain(cfg.network.layer_mapping)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(f"layers.names: {unknown} not in network.layer_mapping",
+                              f"use layers=mapped (all of {', '.join(known)}) or"
+                              " layers.names=[...] with some of them")
+        return  # a custom network without the ident layer skips identification (factory)
     ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
     if ident is not None and known and ident not in known:
         raise ConfigError(f"evaluation.ident_layer={ident!r} is not a layer of {arch}",
@@ -102,6 +114,59 @@ def _check_layer_names(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"layers.names: {unknown} not in network {arch}",
                           f"use layers of {arch}: {', '.join(known)}")
+
+
+def _check_network(cfg: DictConfig) -> None:
+    """network=custom: an importable module, a layer mapping, a known input space."""
+    net = cfg.network
+    space = net.get("input_space", "caffe_bgr")
+    if space not in INPUT_SPACES:
+        raise ConfigError(f"network.input_space={space!r} is not valid",
+                          "use caffe_bgr (BGR 0-255 minus mean_bgr, Caffe-trained networks) or"
+                          " rgb_imagenet (RGB 0-1, ImageNet mean/std: torchvision models)")
+    if net.arch in ARCHITECTURES:
+        return
+    if net.arch != CUSTOM:
+        raise ConfigError(f"network.arch={net.arch!r} is not a network",
+                          f"use network=vgg19, vgg19_leaky or {CUSTOM}")
+    module = OmegaConf.select(net, "module", throw_on_missing=False)
+    example = "network.module={_target_:icnn_pl.nets.examples.TinyResNet}"
+    if not isinstance(module, DictConfig) or not isinstance(module.get("_target_"), str):
+        raise ConfigError("network.module must name the network's factory with _target_",
+                          f"set e.g. {example} (any importable nn.Module class or function)")
+    import_target(module._target_, "network.module._target_")
+    mapping = plain(OmegaConf.select(net, "layer_mapping", throw_on_missing=False))
+    if not (isinstance(mapping, dict) and mapping
+            and all(isinstance(v, str) and v for v in mapping.values())):
+        raise ConfigError(f"network.layer_mapping={mapping!r} must map feature names to"
+                          " module paths", "set e.g. network.layer_mapping={block1:layer1,"
+                          "block2:layer2,fc:fc} (print dict(net.named_modules()) for paths)")
+
+
+def import_target(target: str, key: str) -> Any:
+    """The object ``target`` names (``package.module.Name``), or a ConfigError for ``key``."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # no such module: try a shorter prefix and attributes
+            raise ConfigError(f"{key}={target!r}: importing {name} failed: {exc}",
+                              "install what the module needs") from exc
+        except Exception as exc:
+            raise ConfigError(f"{key}={target!r}: importing {name} failed:"
+                              f" {type(exc).__name__}: {exc}", "fix the module") from exc
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"{key}={target!r} cannot be imported",
+                      "give an importable name (package.module.Class); a module of your own"
+                      " must be on PYTHONPATH (or in the directory you run from)")
 
 
 def _check_data(cfg: DictConfig) -> None:

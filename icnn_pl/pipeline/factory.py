@@ -7,12 +7,18 @@ present, shapes match), then outputs and logger, all before the first image star
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra.utils
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from icnn_pl.data.datamodule import ReconDataModule
 from icnn_pl.data.matio import load_mat_dict
@@ -21,14 +27,17 @@ from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
 from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.errors import ConfigError
 from icnn_pl.nets import build_encoder, build_generator
 from icnn_pl.nets.encoder import FeatureEncoder
-from icnn_pl.pipeline.config_checks import check_config, optimizer_factory
+from icnn_pl.pipeline.config_checks import CUSTOM, check_config, optimizer_factory
 from icnn_pl.pipeline.data_sources import DATA_SOURCES, existing_path, plain
 from icnn_pl.pipeline.job import Job
 from icnn_pl.pipeline.loggers import make_logger
 from icnn_pl.pipeline.outputs import ReconOutputs
 from icnn_pl.pipeline.run_dirs import results_dir, run_name, shard_dir, shard_name
+
+log = logging.getLogger(__name__)
 
 
 def register_resolvers() -> None:
@@ -68,12 +77,58 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
     """The encoder and an id of the network (architecture, weight file or seed)."""
     net = cfg.network
     weights = _weights_path(net.weights, "network.weights")
-    encoder = build_encoder(net.arch, weights, plain(net.mean_bgr),
-                            tuple(plain(net.input_size)), seed=cfg.seed)
-    network_id = f"{net.arch}|{weights.resolve() if weights else f'random-seed{cfg.seed}'}"
+    size, mean = tuple(plain(net.input_size)), plain(net.mean_bgr)
+    input_space = net.get("input_space", "caffe_bgr")
+    if net.arch == CUSTOM:
+        mapping = plain(net.layer_mapping)
+        encoder = build_encoder(build_custom_network(cfg), weights, mean, size,
+                                layer_mapping=mapping, input_space=input_space)
+        spec = json.dumps([plain(net.module), mapping, input_space], sort_keys=True)
+        arch = f"custom-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    else:
+        encoder = build_encoder(net.arch, weights, mean, size, seed=cfg.seed,
+                                input_space=input_space)
+        arch = net.arch
+    network_id = f"{arch}|{weights.resolve() if weights else f'random-seed{cfg.seed}'}"
     if weights is not None:
         network_id += f"|{weights.stat().st_size}|{int(weights.stat().st_mtime)}"
     return encoder, network_id
+
+
+def build_custom_network(cfg: DictConfig) -> nn.Module:
+    """``network.module`` instantiated (``_target_`` and its arguments); its own random
+    initialisation is seeded by ``seed`` (weights, when given, replace it)."""
+    spec = cfg.network.module
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        try:
+            module = hydra.utils.instantiate(spec, _convert_="all")
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise ConfigError(
+                f"network.module ({spec.get('_target_')}) cannot be built:"
+                f" {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}",
+                "check network.module._target_ and its arguments",
+            ) from exc
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"network.module ({spec.get('_target_')}) gave a"
+                          f" {type(module).__name__}, not a torch nn.Module",
+                          "point _target_ at an nn.Module class or a function returning one")
+    if cfg.network.weights is None:
+        log.warning("network=custom: no weight file given, using the module's own RANDOM"
+                    " initialisation (seed %d)", cfg.seed)
+    return module
+
+
+def job_ident_layer(cfg: DictConfig, encoder: FeatureEncoder) -> str | None:
+    """``evaluation.ident_layer``; a custom network without that layer has none."""
+    ident = OmegaConf.select(cfg, "evaluation.ident_layer", default=None)
+    if ident is not None and cfg.network.arch == CUSTOM and ident not in encoder.known_layers:
+        log.warning("evaluation.ident_layer=%s is not in network.layer_mapping: no"
+                    " identification by features (set it to one of %s)", ident,
+                    ", ".join(encoder.known_layers))
+        return None
+    return ident
 
 
 def build_recipe(cfg: DictConfig) -> Recipe:
@@ -152,7 +207,7 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                seed=int(cfg.seed), progress=bool(cfg.progress),
                snapshot_every=int(cfg.get("snapshot_every") or 0),
                feature_fit=bool(OmegaConf.select(cfg, "evaluation.feature_fit", default=True)),
-               ident_layer=OmegaConf.select(cfg, "evaluation.ident_layer", default=None),
+               ident_layer=job_ident_layer(cfg, encoder),
                info={"layers": cfg.layers.name, "network": cfg.network.name,
                      "network_weights": cfg.network.weights, "data": cfg.data.name,
                      "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),
