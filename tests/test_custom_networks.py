@@ -210,7 +210,7 @@ def test_train_recon_with_custom_network_and_caffemodel_generator(tmp_path):
     gen_file = tmp_path / "generator.caffemodel"
     write_generator(gen_file, build_generator(seed=2))
     common = [*CUSTOM, "network.input_size=[32,32]", "progress=false",
-              "logger=none", f"data.root={tmp_path / 'demo'}", "data.limit=1"]
+              "trainer=cpu", "logger=none", f"data.root={tmp_path / 'demo'}", "data.limit=1"]
     results = run_many([
         [*common, "method=icnn_dgn_gd", "method.n_iter=1", f"generator.weights={gen_file}",
          f"hydra.run.dir={tmp_path / 'dgn'}"],
