@@ -30,7 +30,8 @@ from icnn_pl.errors import DataError, IcnnError
 from icnn_pl.image import display_image
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline import loggers
-from icnn_pl.pipeline.outputs import ReconOutputs
+from icnn_pl.pipeline.claims import Claims, Owner
+from icnn_pl.pipeline.outputs import ReconOutputs, update_failures
 from icnn_pl.pipeline.progress import IterationProgress, Snapshots
 from icnn_pl.pipeline.report import JobSummary, Variables, result_row, write_report
 from icnn_pl.review.feature_fit import image_feature_fit, to_mat_vars
@@ -50,6 +51,7 @@ class Job:
     roi: str
     trainer_args: dict[str, Any] = field(default_factory=dict)  # make_trainer's keywords
     logger: Logger | None = None
+    launch: Claims | None = None  # this launch's claim on the records dir (released at the end)
     resume: bool = True
     fail_fast: bool = False
     seed: int = 0
@@ -76,14 +78,19 @@ def run_job(job: Job) -> JobSummary:
     bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
-    with interrupt.deferred_sigint(), _long_lived_objects_frozen():
+    claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
+    with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
+            contextlib.closing(job.launch or Claims(out.run_dir)):
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
+            n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere)
             try:
                 if isinstance(batch, FailedBatch):
                     raise batch.error
-                for label, (variables, row) in _reconstruct(job, batch, len(rows), bar).items():
-                    images[label], rows[label] = variables, row
+                if batch is not None:
+                    for label, (variables, row) in _reconstruct(job, batch, len(rows),
+                                                                bar).items():
+                        images[label], rows[label] = variables, row
                 # The finished module and its Trainer reference each other: without this,
                 # each image's targets (~60 MB at 224 px, all layers) wait for Python's
                 # rare full collection and a long job's memory grows image by image.
@@ -94,9 +101,48 @@ def run_job(job: Job) -> JobSummary:
                 for lab in batch.labels:
                     failures[lab] = str(exc).splitlines()[0]
                     log.error("image %s failed: %s", lab, exc)
-            bar.update(len(batch.labels))
-    bar.close()
-    return write_report(job, images, rows, failures, done)
+            finally:
+                for lab in [] if batch is None else batch.labels:
+                    claims.release(_claim_name(lab))
+            bar.update(n_labels)
+        bar.close()
+        if elsewhere:
+            log.info("%d image(s) were being reconstructed by another launch of this job (%s):"
+                     " left to it; whichever launch ends last writes the complete tables",
+                     len(elsewhere), "; ".join(sorted({str(o) for o in elsewhere.values()})))
+        # one report at a time: the last to take the lock sees every finished image
+        with contextlib.closing(Claims(out.run_dir)) as tables, tables.lock("report"):
+            every_failure = update_failures(out, failures, attempted=pending)
+            return write_report(job, images, rows, failures, done, job_failures=every_failure)
+
+
+def _claim_name(label: str) -> str:
+    return f"recon_image-{label}"
+
+
+def _claimed(job: Job, claims: Claims, batch: TargetBatch | FailedBatch,
+             elsewhere: dict[str, Owner]) -> TargetBatch | FailedBatch | None:
+    """The part of ``batch`` this process claimed (None: none of it). Images claimed by
+    another live launch, or finished by one since this job started, are left out."""
+    mine = []
+    for lab in batch.labels:
+        owner = claims.claim(_claim_name(lab))
+        if owner is not None:
+            elsewhere[lab] = owner
+        elif job.outputs.is_done(lab) and job.resume:  # finished meanwhile by another launch
+            claims.release(_claim_name(lab))
+        else:
+            mine.append(lab)
+    if mine == batch.labels:
+        return batch
+    if not mine:
+        return None
+    if isinstance(batch, FailedBatch):
+        return FailedBatch(mine, batch.error)
+    try:  # a partly claimed batch (data.batch_size > 1): read the claimed part again
+        return job.datamodule.load(mine)
+    except IcnnError as exc:
+        return FailedBatch(mine, exc)
 
 
 @contextlib.contextmanager

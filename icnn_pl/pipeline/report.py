@@ -49,10 +49,13 @@ def result_row(job: Job, label: str, history: np.ndarray, n_evals: int,
 
 
 def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[str, Any]],
-                 failures: dict[str, str], done: list[str]) -> JobSummary:
+                 failures: dict[str, str], done: list[str],
+                 job_failures: Mapping[str, str] | None = None) -> JobSummary:
     """Tables, scores and figures over every finished image of the job. ``images`` holds
     the variables of the images this process finished or read; those of other shards are
-    read here, once."""
+    read here, once. ``failures`` are this process's (its exit code); ``job_failures``
+    every shard's, listed in ``run_info.json`` and the printed summary."""
+    job_failures = failures if job_failures is None else job_failures
     dm, out = job.datamodule, job.outputs
     labels = [lab for lab in dm.job_labels
               if lab in images or (lab not in failures and out.is_done(lab))]
@@ -66,7 +69,7 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
             rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]))
     trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
-    info = _run_info(job, labels, failures)
+    info = _run_info(job, labels, job_failures)
     if trues:  # per-image and mean scores on display and raw images, with 95% intervals
         run = Run(out.run_dir, info, recons=recons, trues=trues,
                   final_loss={lab: float(h[-1]) for lab, h in histories.items()},
@@ -87,7 +90,7 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     loggers.log_summary(job.logger, table,
                         {lab: (display_image(recons[lab]), trues.get(lab)) for lab in labels},
                         summary, figures)
-    _print_summary(job, table, summary, failures)
+    _print_summary(job, table, summary, job_failures)
     objective = summary.get("pixel_corr", summary.get("final_loss", float("nan")))
     return JobSummary(table, failures, done, summary, float(objective))
 
