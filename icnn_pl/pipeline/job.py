@@ -79,11 +79,12 @@ def run_job(job: Job) -> JobSummary:
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
     claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
+    redo = {lab for lab in pending if out.is_done(lab)}  # unreadable, or resume=false
     with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
             contextlib.closing(job.launch or Claims(out.run_dir)):
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
-            n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere)
+            n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere, redo)
             try:
                 if isinstance(batch, FailedBatch):
                     raise batch.error
@@ -121,15 +122,16 @@ def _claim_name(label: str) -> str:
 
 
 def _claimed(job: Job, claims: Claims, batch: TargetBatch | FailedBatch,
-             elsewhere: dict[str, Owner]) -> TargetBatch | FailedBatch | None:
+             elsewhere: dict[str, Owner], redo: set[str]) -> TargetBatch | FailedBatch | None:
     """The part of ``batch`` this process claimed (None: none of it). Images claimed by
-    another live launch, or finished by one since this job started, are left out."""
+    another live launch, or finished by one since this job started, are left out
+    (``redo``: images whose existing file is to be replaced)."""
     mine = []
     for lab in batch.labels:
         owner = claims.claim(_claim_name(lab))
         if owner is not None:
             elsewhere[lab] = owner
-        elif job.outputs.is_done(lab) and job.resume:  # finished meanwhile by another launch
+        elif lab not in redo and job.outputs.is_done(lab):  # finished by another launch
             claims.release(_claim_name(lab))
         else:
             mine.append(lab)
@@ -212,13 +214,16 @@ def _reconstruct(job: Job, batch: TargetBatch, step: int, bar: tqdm
                             "lower the learning rate or check the targets")
         code = None if result.codes is None else result.codes[i]
         true = batch.true_images[i]
-        meta = {"method": job.method, "subject": job.subject, "roi": job.roi}
+        meta = {"method": job.method, "subject": job.subject, "roi": job.roi,
+                "stop_reason": result.stop_reason}
         if job.feature_fit:  # while the targets are at hand: a resumed job needs no re-read
             targets = {n: t[i].numpy() for n, t in batch.targets.items()}
             meta.update(to_mat_vars(*image_feature_fit(
                 job.encoder, image, targets, true, job.ident_layer)))
         variables = job.outputs.write(label, image, history, code, meta=meta)
-        row = result_row(job, label, history, result.n_evals, round(seconds, 3))
+        row = result_row(job, label, history, result.n_evals, round(seconds, 3),
+                         result.stop_reason)
+        _warn_if_flat(label, row)
         finished[label] = (variables, row)
         if module.runs_to_completion:
             loggers.log_curve(job.logger, label, history)
@@ -227,3 +232,12 @@ def _reconstruct(job: Job, batch: TargetBatch, step: int, bar: tqdm
         log.info("%s: final loss %.6g after %d evaluations, %.1f s",
                  label, history[-1], result.n_evals, seconds)
     return finished
+
+
+def _warn_if_flat(label: str, row: dict[str, Any]) -> None:
+    """A reconstruction whose loss never fell returned its initial image: say so."""
+    if not row["loss_fell"]:
+        log.warning("%s: the loss did not fall (%d evaluation(s), optimiser stopped: %s):"
+                    " the result is its initial image; try another initial image/code"
+                    " (method.init) or check the targets", label, row["function_evals"],
+                    row["stop_reason"] or "?")
