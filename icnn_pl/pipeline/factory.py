@@ -23,7 +23,7 @@ from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
 from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
-from icnn_pl.nets import build_encoder, build_generator
+from icnn_pl.nets import build_encoder, build_generator, fingerprint
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline.claims import HOST, Claims
 from icnn_pl.pipeline.config_checks import check_config, optimizer_factory
@@ -75,7 +75,8 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
     weights = _weights_path(net.weights, "network.weights")
     encoder = build_encoder(net.arch, weights, plain(net.mean_bgr),
                             tuple(plain(net.input_size)), seed=cfg.seed)
-    network_id = f"{net.arch}|{weights.resolve() if weights else f'random-seed{cfg.seed}'}"
+    random_id = f"random-seed{cfg.seed}-{fingerprint(encoder.net)}"  # a new init: new files
+    network_id = f"{net.arch}|{weights.resolve() if weights else random_id}"
     if weights is not None:
         network_id += f"|{weights.stat().st_size}|{int(weights.stat().st_mtime)}"
     return encoder, network_id

@@ -40,11 +40,24 @@ class JobSummary:
 
 
 def result_row(job: Job, label: str, history: np.ndarray, n_evals: int,
-               seconds: float = float("nan")) -> dict[str, Any]:
+               seconds: float = float("nan"), stop_reason: str = "") -> dict[str, Any]:
     """An image's row of ``results.csv`` (scores are added when the job ends)."""
     return {"label": label, "method": job.method, "subject": job.subject, "roi": job.roi,
             "final_loss": float(np.ravel(history)[-1]), "iterations": job.recipe.n_iter,
-            "function_evals": int(n_evals), "seconds": seconds}
+            "function_evals": int(n_evals), "seconds": seconds,
+            "stop_reason": stop_reason, "loss_fell": loss_fell(history)}
+
+
+def loss_fell(history: np.ndarray) -> bool:
+    """Whether any evaluation after the first had a lower loss: False is a reconstruction
+    that returned (nearly) its initial image, e.g. L-BFGS stopped after one evaluation."""
+    h = np.ravel(history)
+    return bool(h.size > 1 and np.nanmin(h[1:]) < h[0])
+
+
+def mat_text(value: Any) -> str:
+    """A string variable as read back from a .mat (a 1-element array), "" if absent."""
+    return "" if value is None else str(np.ravel(value)[0]) if np.size(value) else ""
 
 
 
@@ -66,7 +79,8 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     histories = {lab: np.ravel(images[lab]["loss_history"]) for lab in labels}
     for lab in labels:
         if lab not in rows:  # finished by an earlier run
-            rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]))
+            rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]),
+                                   stop_reason=mat_text(images[lab].get("stop_reason")))
     trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
     info = _run_info(job, labels, job_failures)
@@ -164,3 +178,8 @@ def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, 
     print("\n" + head + "\n" + "\n".join(lines))
     for lab, why in failures.items():
         print(f"FAILED {lab}: {why}")
+    flat = [r for r in table if r.get("loss_fell") is False]
+    if flat:
+        print(f"WARNING: the loss did not fall for {len(flat)} image(s) (the result is its"
+              " initial image): " + "; ".join(f"{r['label']} ({r.get('stop_reason') or '?'})"
+                                              for r in flat))
