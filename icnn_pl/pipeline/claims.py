@@ -94,6 +94,7 @@ class Claims:
     def claim(self, name: str) -> Owner | None:
         """Claim ``name``: None when this process now holds it, else its live owner."""
         path = self.path(name)
+        self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a takeover lets another process in between: try again
             token = secrets.token_hex(8)
             try:
