@@ -26,3 +26,14 @@ class DataError(IcnnError, ValueError):
 
 class WeightsError(IcnnError, ValueError):
     """A weight file is missing, unreadable or for another architecture."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of a library's exception on one line (their messages can span
+    screens, e.g. torch's unpickling advice), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    for marker in ("WeightsUnpickler error:",):  # torch: the cause after the advice
+        if marker in text:
+            text = text[text.index(marker) + len(marker):].strip()
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -41,7 +41,7 @@ DEMO_LABELS = ("astronaut", "chelsea")
 CONV1 = ("conv1_1", "conv1_2")  # layers=conv1: shape (64, SIZE, SIZE) each
 
 RESULT_COLUMNS = ("label", "method", "subject", "roi", "final_loss", "iterations",
-                  "function_evals", "seconds")
+                  "function_evals", "seconds", "stop_reason", "loss_fell")
 METHODS = ("icnn_gd", "icnn_lbfgs", "icnn_dgn_gd", "icnn_dgn_lbfgs")
 DGN_METHODS = ("icnn_dgn_gd", "icnn_dgn_lbfgs")
 

@@ -129,6 +129,8 @@ def test_kill9_then_rerun_equals_uninterrupted_run(job_args, reference, tmp_path
     assert victim.finish() == -signal.SIGKILL
     before = finished(victim)
     assert f"recon_image-{LABELS[-1]}.mat" not in before, "killed too late"
+    # the killed job's claim on its image in flight (and on the run) outlives it
+    assert list(victim.run_dir.rglob("*.claim"))
     # what a kill during a write leaves (the temporary file of a dead writer)
     stale = victim.mats() / f".recon_image-{LABELS[1]}.mat.{_HOST}-{victim.proc.pid}-x1y2z3.tmp"
     stale.write_bytes(b"half a file")
@@ -143,6 +145,8 @@ def test_kill9_then_rerun_equals_uninterrupted_run(job_args, reference, tmp_path
     assert {name: finished(again)[name] for name in before} == before  # not recomputed
     assert "img_a: final loss" not in text and "img_c: final loss" in text
     assert temporaries(victim.run_dir) == []
+    # the dead owner's claims were taken over (same host, PID gone) and released (#14)
+    assert "taking over" in text and list(victim.run_dir.rglob("*.claim")) == []
     assert_same_images(again, reference)
     print(f"\nkill -9 after {len(before)} finished image(s); re-run to the end {seconds:.1f} s")
 

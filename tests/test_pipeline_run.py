@@ -244,6 +244,9 @@ def check_results_tables(run_dir: Path, subject: str, labels, method: str,
         assert r["iterations"] == n_iter and math.isfinite(r["final_loss"])
         last = float(np.ravel(mats[r["label"]]["loss_history"])[-1])
         assert r["final_loss"] == pytest.approx(last, rel=1e-5)
+        # why the optimiser stopped, in the table and the .mat (#14)
+        assert r["stop_reason"] and r["stop_reason"] == str(
+            np.ravel(mats[r["label"]]["stop_reason"])[0])
         if true_images:
             assert -1.0 <= r["pixel_corr"] <= 1.0
 

@@ -8,6 +8,8 @@ as a bare scipy/h5py traceback.
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import h5py
@@ -15,7 +17,7 @@ import numpy as np
 import scipy.io
 
 from icnn_pl.atomic import atomic_path
-from icnn_pl.errors import DataError
+from icnn_pl.errors import DataError, one_line
 
 _REEXPORT = "re-export the file as a MATLAB .mat file (v5 via scipy.io.savemat or v7.3/HDF5)"
 
@@ -39,7 +41,7 @@ def _is_hdf5(path: Path) -> bool:
 
 def _read_failed(path: Path, exc: Exception) -> DataError:
     return DataError(
-        f"cannot read {path} as a MATLAB file ({type(exc).__name__}: {exc})",
+        f"cannot read {path} as a MATLAB file ({one_line(exc)})",
         fix=f"the file is corrupt, truncated or not a .mat file: {_REEXPORT}",
     )
 
@@ -75,6 +77,59 @@ def _has_matlab_header(path: Path) -> bool:
         return fh.read(6) == b"MATLAB"
 
 
+# MATLAB v5 data types (miINT8 ... miUTF32); scipy's reader indexes tables with the type
+# and crashes the interpreter (SIGSEGV, scipy 1.17) on others, e.g. a zeroed tag.
+_MI_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18})
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAX_DEPTH = 32  # cells / structs nest matrices; deeper is a damaged file
+
+
+def _check_v5_structure(path: Path) -> None:
+    """Walk every data element tag of a MATLAB v5 file (compressed ones decompressed)
+    and raise ValueError at the first unknown type or size past its container, before
+    scipy reads it: a corrupt tag can crash scipy's reader instead of raising."""
+    with open(path, "rb") as fh:
+        buf = fh.read()
+    if len(buf) < 128 or 0 in buf[:4]:
+        return  # not a v5 file (v4, or not MATLAB at all): scipy raises for those
+    endian = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
+    if endian is None:
+        return  # scipy refuses an unknown byte-order mark itself
+    _check_v5_elements(buf, endian, 128, len(buf), 0)
+
+
+def _check_v5_elements(buf: bytes, endian: str, start: int, end: int, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"data elements nested more than {_MAX_DEPTH} deep")
+    pos = start
+    while pos < end:
+        if end - pos < 8:
+            raise ValueError(f"truncated data element tag at byte {pos}")
+        mtype, nbytes = struct.unpack_from(endian + "II", buf, pos)
+        if mtype >> 16:  # small data element: size and type packed in the first word
+            mtype, nbytes = mtype & 0xFFFF, mtype >> 16
+            if mtype not in _MI_TYPES or mtype in (_MI_MATRIX, _MI_COMPRESSED) or nbytes > 4:
+                raise ValueError(f"bad small data element (type {mtype}) at byte {pos}")
+            pos += 8
+            continue
+        if mtype not in _MI_TYPES:
+            raise ValueError(f"unknown data type {mtype} at byte {pos}")
+        body = pos + 8
+        if nbytes > end - body:
+            raise ValueError(f"data element at byte {pos} claims {nbytes} bytes, past the end")
+        if mtype == _MI_MATRIX:
+            _check_v5_elements(buf, endian, body, body + nbytes, depth + 1)
+        elif mtype == _MI_COMPRESSED:
+            try:
+                inner = zlib.decompress(buf[body:body + nbytes])
+            except zlib.error as exc:
+                raise ValueError(f"compressed element at byte {pos}: {exc}") from None
+            _check_v5_elements(inner, endian, 0, len(inner), depth + 1)
+        padded = body + nbytes if mtype in (_MI_MATRIX, _MI_COMPRESSED) else \
+            body + (nbytes + 7) // 8 * 8
+        pos = min(padded, end)  # some writers leave out the last element's padding
+
+
 def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read ``key`` (or every variable if None); also return all variable names."""
     try:
@@ -89,6 +144,7 @@ def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[
                     if arr is not None:
                         out[n] = arr
                 return out, names
+        _check_v5_structure(path)
         if key is None:
             raw = scipy.io.loadmat(os.fspath(path))
             out = {k: v for k, v in raw.items() if not k.startswith("__")}
@@ -153,6 +209,7 @@ def mat_shape(path: str | os.PathLike, key: str = "feat") -> tuple[int, ...]:
                         return (0,)
                     return shape[::-1] if matlab_order or "MATLAB_class" in node.attrs else shape
         else:
+            _check_v5_structure(path)
             entries = scipy.io.whosmat(os.fspath(path))
             names = sorted(name for name, _, _ in entries)
             for name, shape, cls in entries:

@@ -41,6 +41,7 @@ class ReconResult:
     loss_history: np.ndarray  # (B, n_evals) float32: before each update / per evaluation
     codes: np.ndarray | None  # (B, D) final generator code (DGN methods)
     n_evals: int
+    stop_reason: str = ""  # why the optimiser stopped: scipy's message, or the budget
 
 
 class Reconstruction(pl.LightningModule):
@@ -94,6 +95,7 @@ class Reconstruction(pl.LightningModule):
         self._last_image: torch.Tensor | None = None
         self._last_code: torch.Tensor | None = None
         self._final: ReconResult | None = None  # made at the end of training (on_train_end)
+        self._stop_reason = ""  # set by a run-to-completion optimizer (scipy's message)
 
     @property
     def encoder(self) -> FeatureEncoder:
@@ -140,6 +142,8 @@ class Reconstruction(pl.LightningModule):
         opt = self.optimizers()
         if self.runs_to_completion:
             opt.step(closure=self._closure)
+            result = getattr(opt.optimizer, "result", None)
+            self._stop_reason = str(getattr(result, "message", "") or "")
         else:
             self._gradient_step(opt, int(t))
         if self.logger is None or not _logs_this_step(self.trainer):
@@ -202,6 +206,7 @@ class Reconstruction(pl.LightningModule):
             loss_history=history.float().cpu().numpy(),
             codes=None if code is None else code.float().cpu().numpy(),
             n_evals=history.shape[1],
+            stop_reason=self.stop_reason,
         )
 
 
@@ -210,3 +215,15 @@ def _logs_this_step(trainer: pl.Trainer) -> bool:
     and at the end)."""
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+    @property
+    def stop_reason(self) -> str:
+        """Why the optimisation stopped: ``interrupted`` (Ctrl-C), scipy's message for
+        L-BFGS-B (e.g. ``CONVERGENCE: NORM OF PROJECTED GRADIENT <= PGTOL``), else
+        ``iteration budget`` (gradient methods run all their iterations)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.interrupted:
+            return "interrupted"
+        if self._stop_reason:
+            return self._stop_reason
+        return f"iteration budget ({self.n_iter} iterations)"
+

@@ -6,6 +6,7 @@ for encoders, its feature-name -> module-path map.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHITECTURES", "FeatureEncoder", "Relu7Generator", "build_encoder", "build_generator",
-    "build_network", "center_crop", "freeze",
+    "build_network", "center_crop", "fingerprint", "freeze",
 ]
 
 
@@ -93,3 +94,14 @@ def build_generator(
 ) -> nn.Module:
     """A frozen image generator (the relu7 DGN) mapping codes to Caffe-space images."""
     return build_network(arch, weights, seed)
+
+
+def fingerprint(module: nn.Module, n: int = 16) -> str:
+    """A short digest of ``module``'s parameters (names, shapes, first ``n`` values of
+    each): files computed with a seeded random network are keyed by it, so a change of
+    the initialisation (e.g. non-zero biases) gets fresh files, not stale ones."""
+    h = hashlib.sha1()
+    for name, p in module.state_dict().items():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:n].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]

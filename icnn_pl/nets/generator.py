@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from icnn_pl.nets.vgg import small_biases_
+
 _FC = ("defc7", "defc6", "defc5")
 # name, in, out, kernel, stride: every deconv pads 1, k4 s2 doubles the size, k3 s1 keeps it.
 _DECONV = (
@@ -68,7 +70,7 @@ def init_generator_(gen: Relu7Generator, generator: torch.Generator, out_std: fl
             continue
         with torch.no_grad():
             m.weight.normal_(0.0, std, generator=generator)
-            m.bias.zero_()
+    small_biases_(gen, generator)  # not zero: see init_vgg_
     # Calibrate the output scale on a typical relu7-like code (non-negative, mean ~1).
     with torch.no_grad():
         z = torch.rand(8, gen.input_size, generator=generator) * 2.0

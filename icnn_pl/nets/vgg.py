@@ -77,14 +77,32 @@ def init_vgg_(net: nn.Module, generator: torch.Generator) -> None:
     PyTorch's default initialisation shrinks activations layer by layer (features of a
     random image fall to ~1e-7 gradients at the input); this one keeps their scale, so a
     random network is a usable stand-in when no weight file is given.
+
+    Biases are small but not zero (torchvision zeroes them), as in trained networks: with
+    zero biases a constant image (the paper's mean-colour start, or a generator's output
+    for a zero code) gives exactly zero features from conv1_1 on and a zero gradient, and
+    L-BFGS stops after one evaluation. N(0, 0.01) biases (drawn after every weight, so the
+    weights are those of the zero-bias network) change the layers' feature statistics by
+    < 0.1 % (README: random networks).
     """
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
             with torch.no_grad():
                 m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=generator)
-                m.bias.zero_()
         elif isinstance(m, nn.Linear):
             with torch.no_grad():
                 m.weight.normal_(0.0, 0.01, generator=generator)
-                m.bias.zero_()
+    small_biases_(net, generator)
+
+
+RANDOM_BIAS_STD = 0.01  # biases of the seeded random networks (vgg19, relu7 generator)
+
+
+def small_biases_(net: nn.Module, generator: torch.Generator,
+                  std: float = RANDOM_BIAS_STD) -> None:
+    """Draw every conv / linear bias of ``net`` from N(0, std), in module order."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear) and m.bias is not None:
+            with torch.no_grad():
+                m.bias.normal_(0.0, std, generator=generator)

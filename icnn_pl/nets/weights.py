@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from icnn_pl.errors import WeightsError
+from icnn_pl.errors import WeightsError, one_line
 from icnn_pl.nets.caffemodel import caffe_layer_map, caffe_state_dict, read_caffemodel
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ def read_state_dict(path: str | Path) -> StateDict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file for the user
         raise WeightsError(
-            f"cannot read weight file {path}: {type(exc).__name__}: {exc}",
-            "check that the file is a complete torch state dict or safetensors file",
+            f"cannot read weight file {path}: {one_line(exc)}",
+            "check that the file is a complete torch state dict or safetensors file (only"
+            " tensors are loaded: save it with torch.save(model.state_dict(), path))",
         ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # checkpoints that wrap the weights

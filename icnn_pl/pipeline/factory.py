@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.errors import ConfigError
-from icnn_pl.nets import build_encoder, build_generator
+from icnn_pl.nets import build_encoder, build_generator, fingerprint
 from icnn_pl.nets.encoder import FeatureEncoder
+from icnn_pl.pipeline.claims import HOST, Claims
 from icnn_pl.pipeline.config_checks import CUSTOM, check_config, optimizer_factory
 from icnn_pl.pipeline.data_sources import DATA_SOURCES, existing_path, plain
 from icnn_pl.pipeline.job import Job
@@ -89,9 +91,11 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
         encoder = build_encoder(net.arch, weights, mean, size, seed=cfg.seed,
                                 input_space=input_space)
         arch = net.arch
-    network_id = f"{arch}|{weights.resolve() if weights else f'random-seed{cfg.seed}'}"
-    if weights is not None:
-        network_id += f"|{weights.stat().st_size}|{int(weights.stat().st_mtime)}"
+    if weights is None:  # a new random init (another seed or layout): new demo files
+        network_id = f"{arch}|random-seed{cfg.seed}-{fingerprint(encoder.net)}"
+    else:
+        stat = weights.stat()
+        network_id = f"{arch}|{weights.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
     return encoder, network_id
 
 
@@ -194,8 +198,9 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
     outputs = ReconOutputs(results_dir(run_dir, *shards), sub, cfg.roi)
     lg = cfg.logger
     name = "-".join(filter(None, (outputs.run_dir.name, shard_name(*shards))))
+    launch, log_dir = _launch_records(run_dir)
     logger = make_logger(
-        lg.kind, run_dir, name=name, project=lg.get("project", "icnn-pl"),
+        lg.kind, log_dir, name=name, project=lg.get("project", "icnn-pl"),
         group=lg.get("group") or group or cfg.method.name, mode=lg.get("mode", "offline"),
         tags=plain(lg.get("tags")) or [cfg.method.name, sub, cfg.roi],
         config=plain(cfg),
@@ -203,7 +208,7 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
     return Job(datamodule=datamodule, encoder=encoder, recipe=recipe, outputs=outputs,
                method=cfg.method.name, subject=sub, roi=cfg.roi,
                trainer_args=plain(cfg.trainer),  # make_trainer's keyword arguments
-               logger=logger, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
+               logger=logger, launch=launch, resume=bool(cfg.resume), fail_fast=bool(cfg.fail_fast),
                seed=int(cfg.seed), progress=bool(cfg.progress),
                snapshot_every=int(cfg.get("snapshot_every") or 0),
                feature_fit=bool(OmegaConf.select(cfg, "evaluation.feature_fit", default=True)),
@@ -213,3 +218,19 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                      "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),
                      "generator": None if cfg.get("generator") is None else cfg.generator.name,
                      "seed": int(cfg.seed)})
+
+
+def _launch_records(run_dir: str | Path) -> tuple[Claims, Path]:
+    """Claim the job's records directory for this launch. A second launch of a job that is
+    still running (a re-launch, an overlapping requeue) shares the images with it through
+    per-image claims, but its logger writes below ``launch-<host>-<pid>/``: two CSV or
+    TensorBoard loggers must not rewrite one file."""
+    launch = Claims(run_dir)
+    owner = launch.claim("launch")
+    if owner is None:
+        return launch, Path(run_dir)
+    log_dir = Path(run_dir) / f"launch-{HOST}-{os.getpid()}"
+    log.warning("another launch of this job is running (%s): the two share out the images"
+                " (each image is reconstructed once); this launch's logger records go to %s",
+                owner, log_dir)
+    return launch, log_dir

@@ -30,7 +30,8 @@ from icnn_pl.errors import DataError, IcnnError
 from icnn_pl.image import display_image
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline import loggers
-from icnn_pl.pipeline.outputs import ReconOutputs
+from icnn_pl.pipeline.claims import Claims, Owner
+from icnn_pl.pipeline.outputs import ReconOutputs, update_failures
 from icnn_pl.pipeline.progress import IterationProgress, Snapshots
 from icnn_pl.pipeline.report import JobSummary, Variables, result_row, write_report
 from icnn_pl.review.feature_fit import image_feature_fit, to_mat_vars
@@ -50,6 +51,7 @@ class Job:
     roi: str
     trainer_args: dict[str, Any] = field(default_factory=dict)  # make_trainer's keywords
     logger: Logger | None = None
+    launch: Claims | None = None  # this launch's claim on the records dir (released at the end)
     resume: bool = True
     fail_fast: bool = False
     seed: int = 0
@@ -76,14 +78,20 @@ def run_job(job: Job) -> JobSummary:
     bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
-    with interrupt.deferred_sigint(), _long_lived_objects_frozen():
+    claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
+    redo = {lab for lab in pending if out.is_done(lab)}  # unreadable, or resume=false
+    with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
+            contextlib.closing(job.launch or Claims(out.run_dir)):
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
+            n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere, redo)
             try:
                 if isinstance(batch, FailedBatch):
                     raise batch.error
-                for label, (variables, row) in _reconstruct(job, batch, len(rows), bar).items():
-                    images[label], rows[label] = variables, row
+                if batch is not None:
+                    for label, (variables, row) in _reconstruct(job, batch, len(rows),
+                                                                bar).items():
+                        images[label], rows[label] = variables, row
                 # The finished module and its Trainer reference each other: without this,
                 # each image's targets (~60 MB at 224 px, all layers) wait for Python's
                 # rare full collection and a long job's memory grows image by image.
@@ -94,9 +102,49 @@ def run_job(job: Job) -> JobSummary:
                 for lab in batch.labels:
                     failures[lab] = str(exc).splitlines()[0]
                     log.error("image %s failed: %s", lab, exc)
-            bar.update(len(batch.labels))
-    bar.close()
-    return write_report(job, images, rows, failures, done)
+            finally:
+                for lab in [] if batch is None else batch.labels:
+                    claims.release(_claim_name(lab))
+            bar.update(n_labels)
+        bar.close()
+        if elsewhere:
+            log.info("%d image(s) were being reconstructed by another launch of this job (%s):"
+                     " left to it; whichever launch ends last writes the complete tables",
+                     len(elsewhere), "; ".join(sorted({str(o) for o in elsewhere.values()})))
+        # one report at a time: the last to take the lock sees every finished image
+        with contextlib.closing(Claims(out.run_dir)) as tables, tables.lock("report"):
+            every_failure = update_failures(out, failures, attempted=pending)
+            return write_report(job, images, rows, failures, done, job_failures=every_failure)
+
+
+def _claim_name(label: str) -> str:
+    return f"recon_image-{label}"
+
+
+def _claimed(job: Job, claims: Claims, batch: TargetBatch | FailedBatch,
+             elsewhere: dict[str, Owner], redo: set[str]) -> TargetBatch | FailedBatch | None:
+    """The part of ``batch`` this process claimed (None: none of it). Images claimed by
+    another live launch, or finished by one since this job started, are left out
+    (``redo``: images whose existing file is to be replaced)."""
+    mine = []
+    for lab in batch.labels:
+        owner = claims.claim(_claim_name(lab))
+        if owner is not None:
+            elsewhere[lab] = owner
+        elif lab not in redo and job.outputs.is_done(lab):  # finished by another launch
+            claims.release(_claim_name(lab))
+        else:
+            mine.append(lab)
+    if mine == batch.labels:
+        return batch
+    if not mine:
+        return None
+    if isinstance(batch, FailedBatch):
+        return FailedBatch(mine, batch.error)
+    try:  # a partly claimed batch (data.batch_size > 1): read the claimed part again
+        return job.datamodule.load(mine)
+    except IcnnError as exc:
+        return FailedBatch(mine, exc)
 
 
 @contextlib.contextmanager
@@ -166,13 +214,16 @@ def _reconstruct(job: Job, batch: TargetBatch, step: int, bar: tqdm
                             "lower the learning rate or check the targets")
         code = None if result.codes is None else result.codes[i]
         true = batch.true_images[i]
-        meta = {"method": job.method, "subject": job.subject, "roi": job.roi}
+        meta = {"method": job.method, "subject": job.subject, "roi": job.roi,
+                "stop_reason": result.stop_reason}
         if job.feature_fit:  # while the targets are at hand: a resumed job needs no re-read
             targets = {n: t[i].numpy() for n, t in batch.targets.items()}
             meta.update(to_mat_vars(*image_feature_fit(
                 job.encoder, image, targets, true, job.ident_layer)))
         variables = job.outputs.write(label, image, history, code, meta=meta)
-        row = result_row(job, label, history, result.n_evals, round(seconds, 3))
+        row = result_row(job, label, history, result.n_evals, round(seconds, 3),
+                         result.stop_reason)
+        _warn_if_flat(label, row)
         finished[label] = (variables, row)
         if module.runs_to_completion:
             loggers.log_curve(job.logger, label, history)
@@ -181,3 +232,12 @@ def _reconstruct(job: Job, batch: TargetBatch, step: int, bar: tqdm
         log.info("%s: final loss %.6g after %d evaluations, %.1f s",
                  label, history[-1], result.n_evals, seconds)
     return finished
+
+
+def _warn_if_flat(label: str, row: dict[str, Any]) -> None:
+    """A reconstruction whose loss never fell returned its initial image: say so."""
+    if not row["loss_fell"]:
+        log.warning("%s: the loss did not fall (%d evaluation(s), optimiser stopped: %s):"
+                    " the result is its initial image; try another initial image/code"
+                    " (method.init) or check the targets", label, row["function_evals"],
+                    row["stop_reason"] or "?")

@@ -95,6 +95,31 @@ class ReconOutputs:
         return load_mat_dict(self.mat_path(label))
 
 
+FAILURES = "failures.json"  # label -> reason, for every shard and launch of the job
+
+
+def update_failures(outputs: ReconOutputs, failures: Mapping[str, str],
+                    attempted: Sequence[str]) -> dict[str, str]:
+    """Merge this process's failed images into the job's ``failures.json`` and return the
+    job's failures: other shards' (and launches') entries are kept, except for images
+    this process tried again or that are finished now. Call it under the job's report
+    lock (``pipeline.claims``): read, merge and write are not atomic together."""
+    path = outputs.run_dir / FAILURES
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        known = {}  # unreadable: rebuilt from what the launches report from now on
+    if not isinstance(known, dict):
+        known = {}
+    tried = set(attempted)
+    merged = {str(lab): str(why) for lab, why in known.items()
+              if lab not in tried and not outputs.is_done(str(lab))}
+    merged.update(failures)
+    if merged or path.exists():
+        write_text_atomic(path, json.dumps(merged, indent=2))
+    return merged
+
+
 def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rows as CSV (``.csv``) or JSON (``.json``), atomically; NaN becomes empty / null."""
     path = Path(path)

@@ -40,19 +40,35 @@ class JobSummary:
 
 
 def result_row(job: Job, label: str, history: np.ndarray, n_evals: int,
-               seconds: float = float("nan")) -> dict[str, Any]:
+               seconds: float = float("nan"), stop_reason: str = "") -> dict[str, Any]:
     """An image's row of ``results.csv`` (scores are added when the job ends)."""
     return {"label": label, "method": job.method, "subject": job.subject, "roi": job.roi,
             "final_loss": float(np.ravel(history)[-1]), "iterations": job.recipe.n_iter,
-            "function_evals": int(n_evals), "seconds": seconds}
+            "function_evals": int(n_evals), "seconds": seconds,
+            "stop_reason": stop_reason, "loss_fell": loss_fell(history)}
+
+
+def loss_fell(history: np.ndarray) -> bool:
+    """Whether any evaluation after the first had a lower loss: False is a reconstruction
+    that returned (nearly) its initial image, e.g. L-BFGS stopped after one evaluation."""
+    h = np.ravel(history)
+    return bool(h.size > 1 and np.nanmin(h[1:]) < h[0])
+
+
+def mat_text(value: Any) -> str:
+    """A string variable as read back from a .mat (a 1-element array), "" if absent."""
+    return "" if value is None else str(np.ravel(value)[0]) if np.size(value) else ""
 
 
 
 def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[str, Any]],
-                 failures: dict[str, str], done: list[str]) -> JobSummary:
+                 failures: dict[str, str], done: list[str],
+                 job_failures: Mapping[str, str] | None = None) -> JobSummary:
     """Tables, scores and figures over every finished image of the job. ``images`` holds
     the variables of the images this process finished or read; those of other shards are
-    read here, once."""
+    read here, once. ``failures`` are this process's (its exit code); ``job_failures``
+    every shard's, listed in ``run_info.json`` and the printed summary."""
+    job_failures = failures if job_failures is None else job_failures
     dm, out = job.datamodule, job.outputs
     labels = [lab for lab in dm.job_labels
               if lab in images or (lab not in failures and out.is_done(lab))]
@@ -63,10 +79,11 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     histories = {lab: np.ravel(images[lab]["loss_history"]) for lab in labels}
     for lab in labels:
         if lab not in rows:  # finished by an earlier run
-            rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]))
+            rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]),
+                                   stop_reason=mat_text(images[lab].get("stop_reason")))
     trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
-    info = _run_info(job, labels, failures)
+    info = _run_info(job, labels, job_failures)
     if trues:  # per-image and mean scores on display and raw images, with 95% intervals
         run = Run(out.run_dir, info, recons=recons, trues=trues,
                   final_loss={lab: float(h[-1]) for lab, h in histories.items()},
@@ -87,7 +104,7 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
     loggers.log_summary(job.logger, table,
                         {lab: (display_image(recons[lab]), trues.get(lab)) for lab in labels},
                         summary, figures)
-    _print_summary(job, table, summary, failures)
+    _print_summary(job, table, summary, job_failures)
     objective = summary.get("pixel_corr", summary.get("final_loss", float("nan")))
     return JobSummary(table, failures, done, summary, float(objective))
 
@@ -161,3 +178,8 @@ def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, 
     print("\n" + head + "\n" + "\n".join(lines))
     for lab, why in failures.items():
         print(f"FAILED {lab}: {why}")
+    flat = [r for r in table if r.get("loss_fell") is False]
+    if flat:
+        print(f"WARNING: the loss did not fall for {len(flat)} image(s) (the result is its"
+              " initial image): " + "; ".join(f"{r['label']} ({r.get('stop_reason') or '?'})"
+                                              for r in flat))

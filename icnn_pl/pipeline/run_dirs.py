@@ -8,7 +8,8 @@
   records (Hydra's ``.hydra/``, the log, the W&B / CSV / TensorBoard run) go to
   ``<job dir>/shard-<i>of<N>/`` (:func:`shard_dir`), so shards running at the same time
   never write the same file. Tables are rebuilt from every finished image of the job by
-  whichever shard ends last (and by any re-run).
+  whichever shard ends last (and by any re-run), one shard at a time under the job's
+  report lock (``pipeline.claims``); ``failures.json`` collects every shard's failures.
 """
 
 from __future__ import annotations

@@ -1,0 +1,111 @@
+"""No silent no-ops (#14): the demo's random networks have small non-zero biases, so a
+constant start (mean-colour image, zero code) no longer gives an exactly zero gradient;
+every reconstruction says why its optimiser stopped; a loss that did not fall is warned
+about; demo files are keyed by the random network's parameters."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pytest
+import torch
+from pipeline_helpers import MemorySource, tiny_encoder
+from torch import nn
+
+from icnn_pl import icnn_dgn_lbfgs, icnn_lbfgs
+from icnn_pl.data.datamodule import ReconDataModule
+from icnn_pl.data.demo import Demo
+from icnn_pl.engine.lbfgsb import ScipyLBFGSB
+from icnn_pl.engine.recipe import Recipe
+from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.nets import build_encoder, build_generator, fingerprint
+from icnn_pl.pipeline.job import Job, run_job
+from icnn_pl.pipeline.outputs import ReconOutputs
+
+SIZE = 32  # VGG19 at 32x32: conv5 is 2x2, fc layers as usual
+DEEP = ["conv3_1", "conv4_1", "conv5_1", "fc7"]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return build_encoder("vgg19", input_size=(SIZE, SIZE)), build_generator("relu7")
+
+
+def _targets(encoder) -> dict[str, np.ndarray]:
+    img = np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    from icnn_pl.image import to_caffe
+
+    encoder.set_layers(encoder.forward_order(DEEP))
+    with torch.no_grad():
+        return {k: v[0].numpy() for k, v in encoder(to_caffe(img, encoder.mean_bgr)).items()}
+
+
+def test_random_networks_have_small_nonzero_biases(nets):
+    for net in (nets[0].net, nets[1]):
+        biases = [m.bias for m in net.modules()
+                  if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)]
+        assert biases and all(bool((b != 0).any()) for b in biases)
+        assert max(float(b.abs().max()) for b in biases) < 0.1
+
+
+def test_lbfgs_from_a_constant_start_moves(nets):
+    """The two cases of the issue: each stopped after 1 evaluation with zero biases."""
+    encoder, gen = nets
+    feats = _targets(encoder)
+    _, hist = icnn_lbfgs.reconstruct_image(feats, encoder, initial_image="mean", maxiter=4)
+    assert len(hist) > 2 and hist[-1] < 0.9 * hist[0]
+    _, hist = icnn_dgn_lbfgs.reconstruct_image(feats, encoder, gen, initial_gen_feat="zeros",
+                                               feat_upper_bound=100.0, maxiter=4)
+    assert len(hist) > 2 and hist[-1] < 0.9 * hist[0]
+
+
+def test_fingerprint_follows_the_parameters(tmp_path):
+    enc = tiny_encoder(0)
+    before = fingerprint(enc.net)
+    assert fingerprint(tiny_encoder(0).net) == before
+    demo_dir = Demo(tmp_path, enc, f"tiny|random-seed0-{before}").dir
+    with torch.no_grad():
+        enc.net[0].bias.add_(0.01)  # e.g. a new initialisation
+    after = fingerprint(enc.net)
+    assert after != before
+    assert Demo(tmp_path, enc, f"tiny|random-seed0-{after}").dir != demo_dir
+
+
+def _job(encoder, run_dir, optimizer, n_iter):
+    labels = ("img_a", "img_b")
+    source = MemorySource(encoder, labels, ("c1", "c2"))
+    dm = ReconDataModule(source, expected_shapes(encoder, ["c1", "c2"]))
+    return Job(datamodule=dm, encoder=encoder, recipe=Recipe(optimizer, n_iter=n_iter,
+                                                             init="uniform"),
+               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny",
+               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
+               progress=False, feature_fit=False)
+
+
+def test_stop_reason_in_results_and_mat(tmp_path):
+    enc = tiny_encoder(0)
+    gd = run_job(_job(enc, tmp_path / "gd",
+                      functools.partial(torch.optim.SGD, lr=1.0, momentum=0.9), 3))
+    assert {r["stop_reason"] for r in gd.rows} == {"iteration budget (3 iterations)"}
+    lb = run_job(_job(enc, tmp_path / "lbfgs", functools.partial(ScipyLBFGSB, maxiter=2), 2))
+    for r in lb.rows:
+        assert r["stop_reason"] == "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"
+        mat = ReconOutputs(tmp_path / "lbfgs", "sub-01", "VC").read(r["label"])
+        assert str(np.ravel(mat["stop_reason"])[0]) == r["stop_reason"]
+        assert r["loss_fell"] is True
+    csv = (tmp_path / "lbfgs" / "results.csv").read_text()
+    assert "stop_reason" in csv.splitlines()[0] and "REACHED LIMIT" in csv
+
+
+def test_a_loss_that_did_not_fall_is_warned_about(tmp_path, caplog, capsys):
+    """lr 0: the image never moves; the log and the printed summary say so."""
+    enc = tiny_encoder(0)
+    with caplog.at_level(logging.WARNING):
+        summary = run_job(_job(enc, tmp_path, functools.partial(torch.optim.SGD, lr=0.0), 3))
+    assert [r["loss_fell"] for r in summary.rows] == [False, False]
+    assert "img_a: the loss did not fall" in caplog.text
+    out = capsys.readouterr().out
+    assert "WARNING: the loss did not fall for 2 image(s)" in out
+    assert "img_a (iteration budget (3 iterations))" in out

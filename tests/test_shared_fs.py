@@ -1,0 +1,117 @@
+"""Safe on a shared file system (#14): file modes under the umask, durable writes.
+
+Every writer of the project goes through ``icnn_pl.atomic.atomic_path``; these tests write
+one file with each writer under umask 022 and 002 and check the mode on disk, and record
+which descriptors are fsync'ed (the file's data, then its directory).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch import nn
+
+from icnn_pl import atomic
+from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.data.matio import save_mat
+from icnn_pl.nets.weights import save_safetensors
+from icnn_pl.pipeline.outputs import ReconOutputs, write_table
+from icnn_pl.review.gallery import save_png
+
+
+def _write_everything(folder: Path) -> list[Path]:
+    """One file from each writer of the project; returns their paths."""
+    write_text_atomic(folder / "a.txt", "x")
+    save_mat(folder / "b.mat", {"feat": np.ones((1, 3), np.float32)})
+    save_png(Image.new("RGB", (4, 4)), folder / "c.png")
+    save_safetensors(nn.Linear(2, 2), folder / "d.safetensors")
+    write_table(folder / "e.csv", [{"a": 1}])
+    write_table(folder / "f.json", [{"a": 1}])
+    out = ReconOutputs(folder / "run", "sub-01", "VC")
+    out.write("img", np.zeros((4, 4, 3), np.float32), np.ones(3, np.float32))
+    return [folder / n for n in ("a.txt", "b.mat", "c.png", "d.safetensors", "e.csv",
+                                 "f.json")] + [out.mat_path("img"), out.png_path("img")]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert atomic.current_umask() == umask
+        paths = _write_everything(tmp_path)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what an ordinary write gets
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(plain.stat().st_mode) == mode
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert set(modes.values()) == {oct(mode)}, modes
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_umask_fallback_without_proc(monkeypatch):
+    """Where /proc is missing the umask is read by setting and restoring it."""
+    real_open = open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr("builtins.open", no_proc)
+        assert atomic.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(old)
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Replace os.fsync by one that records what each descriptor is (file or directory
+    path, via /proc/self/fd) before syncing it."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_data_then_directory_are_fsynced(tmp_path, monkeypatch):
+    synced = _record_fsyncs(monkeypatch)
+    target = tmp_path / "sub" / "out.txt"
+    write_text_atomic(target, "hello")
+    assert len(synced) == 2, synced
+    assert Path(synced[0]).name.startswith(".out.txt.") and synced[0].endswith(".tmp")
+    assert synced[1] == str(target.parent)  # the directory, after the rename
+    assert target.read_text() == "hello"
+
+
+def test_directory_fsync_refused_is_tolerated(tmp_path, monkeypatch):
+    """Some network file systems refuse fsync on a directory (EINVAL): the write stands."""
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_text_atomic(tmp_path / "x.txt", "ok")
+    assert (tmp_path / "x.txt").read_text() == "ok"
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "y.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer crashed")
+    assert list(tmp_path.iterdir()) == []
