@@ -1,12 +1,12 @@
 """Fuzzed inputs (#14): every reader of user files, on mutated copies of valid files.
 
 Valid files are written here (MATLAB v5 plain and compressed, v7.3/HDF5, reference-std
-files, act_range text, weight files as ``.pt`` and ``.safetensors``), then mutated with a
+files, act_range text, weight files as ``.pt``, ``.safetensors`` and ``.caffemodel`` in
+both net formats, written by the tests' own protobuf writer), then mutated with a
 fixed seed: truncated, bytes flipped, chunks overwritten, zeroed, inserted or deleted; and
 valid files with the wrong content (dtype, shape, NaN, empty, wrong keys). Each file must
 either read or be refused with one of our errors (``IcnnError``, a one-line problem),
 never another exception; each read is timed (and stopped by an alarm if it hangs).
-The ``.caffemodel`` reader is fuzzed with its own tests.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import caffe_writer
 import h5py
 import numpy as np
 import pytest
@@ -80,7 +81,19 @@ READERS: dict[str, Callable[[Path], object]] = {
     "act_range.txt": lambda p: load_act_range(p, expected_len=16),
     "weights.pt": _read_weights,
     "weights.safetensors": _read_weights,
+    "weights-v1.caffemodel": _read_weights,
+    "weights-v2.caffemodel": _read_weights,
 }
+
+
+def _write_caffemodel(path: Path, state: dict[str, torch.Tensor], v1: bool) -> None:
+    """The tiny net as a Caffe file: layers named by module path (``0``, ``3``)."""
+    arrays = {k: v.numpy() for k, v in state.items()}
+    names = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in arrays))
+    layers = [(n, "Convolution" if arrays.get(f"{n}.weight", np.ones(1)).ndim == 4
+               else "InnerProduct", [arrays[k] for k in arrays if k.rsplit(".", 1)[0] == n])
+              for n in names]
+    caffe_writer.write(path, caffe_writer.net(layers, v1=v1))
 
 
 def _valid_files(folder: Path, rng: np.random.Generator) -> dict[str, Path]:
@@ -103,6 +116,8 @@ def _valid_files(folder: Path, rng: np.random.Generator) -> dict[str, Path]:
             path.write_text("\n".join(f"{v:.4f}" for v in rng.uniform(0, 30, 16)))
         elif kind == "weights.pt":
             torch.save(state, path)
+        elif kind.endswith(".caffemodel"):
+            _write_caffemodel(path, state, v1="v1" in kind)
         else:
             save_file(state, str(path))
     return files
@@ -174,6 +189,9 @@ def _wrong_content(folder: Path) -> list[tuple[str, Path]]:
     for name, state in weights.items():
         add("weights.pt", name, lambda p, s=state: torch.save(s, p))
         add("weights.safetensors", name, lambda p, s=state: save_file(s, str(p)))
+        if name not in ("int_dtype", "empty"):  # Caffe blobs are float; a net has layers
+            add("weights-v1.caffemodel", name,
+                lambda p, s=state: _write_caffemodel(p, s, v1=True))
     add("weights.pt", "not_a_dict", lambda p: torch.save([torch.ones(1)], p))
     add("weights.pt", "non_tensor", lambda p: torch.save({"0.weight": 3}, p))
     add("weights.pt", "pickle_object", lambda p: torch.save({"x": nn.ReLU()}, p))
