@@ -209,12 +209,6 @@ class Reconstruction(pl.LightningModule):
             stop_reason=self.stop_reason,
         )
 
-
-def _logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether the Trainer writes logged values at this step (every ``log_every_n_steps``
-    and at the end)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
     @property
     def stop_reason(self) -> str:
         """Why the optimisation stopped: ``interrupted`` (Ctrl-C), scipy's message for
@@ -227,3 +221,9 @@ def _logs_this_step(trainer: pl.Trainer) -> bool:
             return self._stop_reason
         return f"iteration budget ({self.n_iter} iterations)"
 
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer writes logged values at this step (every ``log_every_n_steps``
+    and at the end)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
