@@ -21,6 +21,7 @@ from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
 from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.nets import build_encoder, build_generator
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline.config_checks import check_config, optimizer_factory
@@ -89,6 +90,10 @@ def build_recipe(cfg: DictConfig) -> Recipe:
         loss_type=plain(m.loss_type),
         return_last_forward=bool(m.return_last_forward),
     )
+    if m.param == "fourier":
+        recipe.fourier = plain(m.fourier) or {}
+    if m.get("transforms"):
+        recipe.transforms = make_transforms(plain(m.transforms))
     if m.param == "code":
         g = cfg.generator
         recipe.generator = build_generator(g.arch, _weights_path(g.weights, "generator.weights"),
