@@ -70,8 +70,6 @@ def _check_method(cfg: DictConfig) -> None:
     m = cfg.method
     if m.param not in METHOD_PARAMS:
         raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
-    check_n_iter(m.n_iter, "method.n_iter", allow_zero=evaluates_only(optimizer_factory(cfg)))
-    _check_prior(cfg)
     for name, value in (plain(cfg.optimizer.get("schedule")) or {}).items():
         if not (isinstance(value, list) and len(value) == 2
                 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
@@ -80,6 +78,9 @@ def _check_method(cfg: DictConfig) -> None:
         if name == "lr" and min(value) < 0:
             raise ConfigError(f"optimizer.schedule.lr={value} is negative",
                               "use a non-negative learning rate")
+    # after the schedules: the optimizer factory reads them
+    check_n_iter(m.n_iter, "method.n_iter", allow_zero=evaluates_only(optimizer_factory(cfg)))
+    _check_prior(cfg)
     if m.param == "code" and cfg.get("generator") is None:
         raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
                           "add generator=relu7")

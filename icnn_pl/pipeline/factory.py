@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from icnn_pl.data.datamodule import ReconDataModule
 from icnn_pl.data.matio import load_mat_dict
 from icnn_pl.data.readers import load_act_range, load_reference_std
+from icnn_pl.engine.evaluate_only import evaluates_only
 from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
 from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
@@ -80,9 +81,10 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
 def build_recipe(cfg: DictConfig) -> Recipe:
     """The method (optimizer, schedules, iCNN steps, generator and its code bounds)."""
     m = cfg.method
+    optimizer = optimizer_factory(cfg)
     recipe = Recipe(
-        optimizer=optimizer_factory(cfg),
-        n_iter=int(m.n_iter),
+        optimizer=optimizer,
+        n_iter=0 if evaluates_only(optimizer) else int(m.n_iter),  # dgn_direct: no iterations
         schedules={k: as_schedule(v) for k, v in plain(cfg.optimizer.schedule or {}).items()},
         steps=build_steps(plain(m.steps)),
         init=m.init,
@@ -160,6 +162,7 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                ident_layer=OmegaConf.select(cfg, "evaluation.ident_layer", default=None),
                info={"layers": cfg.layers.name, "network": cfg.network.name,
                      "network_weights": cfg.network.weights, "data": cfg.data.name,
-                     "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),
+                     "optimizer": cfg.optimizer.name, "n_iter": recipe.n_iter,
                      "generator": None if cfg.get("generator") is None else cfg.generator.name,
+                     "generator_weights": OmegaConf.select(cfg, "generator.weights"),
                      "seed": int(cfg.seed)})

@@ -161,3 +161,16 @@ def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, 
     print("\n" + head + "\n" + "\n".join(lines))
     for lab, why in failures.items():
         print(f"FAILED {lab}: {why}")
+    if (hint := random_generator_hint(job.info)) is not None:
+        print(hint)
+
+
+def random_generator_hint(info: Mapping[str, Any]) -> str | None:
+    """The summary's pointer to the weight-free prior when a DGN method ran a random
+    generator (no weight file, e.g. the demo), whose images are noise by nature."""
+    if not info.get("generator") or info.get("generator_weights"):
+        return None
+    return ("NOTE: the generator has no weight file (generator.weights=null): it is a seeded"
+            " RANDOM network, so its images are noise - that is what a random generator"
+            " gives, not a fault. For an image prior that needs no weights, run"
+            " method=icnn_fourier; for the paper's DGN, set generator.weights=<generator.pt>.")
