@@ -49,7 +49,8 @@ METHODS = ("icnn_gd", "icnn_lbfgs", "icnn_dgn_gd", "icnn_dgn_lbfgs", "icnn_fouri
            "icnn_fourier_lbfgs", "dgn_direct")
 FC7_METHODS = ("dgn_direct",)  # need fc7 among the targets: skipped for conv3+
 STIMULI = ("astronaut", "chelsea", "coffee")
-TRANSFORMS = "method.transforms={jitter:8,scale:[0.95,1.05],rotate:5}"
+# lucid's jitter is 8 pixels at 224: the same share of the image at --size
+TRANSFORMS = "method.transforms={{jitter:{jitter},scale:[0.95,1.05],rotate:5}}"
 
 
 @dataclass
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer-sets", nargs="+", default=list(LAYER_SETS), choices=LAYER_SETS)
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--data-root", default="data/demo")
-    parser.add_argument("--sweep-lr", nargs="+", type=float, default=None,
-                        help="icnn_fourier at these Adam learning rates (instead of --methods)")
+    parser.add_argument("--sweep-lr", nargs="+", default=None,
+                        help="icnn_fourier at these Adam learning rates, constant (0.4) or"
+                             " linear start:end (0.4:0.04), instead of --methods")
     parser.add_argument("--transforms", action="store_true",
                         help="icnn_fourier with and without random transforms")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the final images")
@@ -172,11 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     # (label, method, extra overrides) of each candidate; icnn_gd first: it sets budget_s
     candidates = [(m, m, []) for m in args.methods]
     if args.sweep_lr:
-        candidates = [(f"icnn_fourier lr {lr:g}", "icnn_fourier",
-                       [f"optimizer.schedule.lr=[{lr},{lr}]"]) for lr in args.sweep_lr]
+        lrs = [(lr.split(":") * 2)[:2] for lr in args.sweep_lr]
+        candidates = [(f"icnn_fourier lr {a}" + (f" -> {b}" if b != a else ""), "icnn_fourier",
+                       [f"optimizer.schedule.lr=[{a},{b}]"]) for a, b in lrs]
     if args.transforms:
         candidates = [("icnn_fourier", "icnn_fourier", []),
-                      ("icnn_fourier + transforms", "icnn_fourier", [TRANSFORMS])]
+                      ("icnn_fourier + transforms", "icnn_fourier",
+                       [TRANSFORMS.format(jitter=max(1, round(8 * size / 224)))])]
     encoder, network_id = build_encoder_from_cfg(compose_cfg(base))
     encoder.to(args.device)
     rows = []

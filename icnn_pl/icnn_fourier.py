@@ -29,7 +29,7 @@ def reconstruct_image(
     features: Mapping[str, Any], net: torch.nn.Module, *,
     layer_weight: Any = None, channel: Mapping | None = None, mask: Mapping | None = None,
     initial_image: Any = "normal", loss_type: str = "l2", iter_n: int = 200,
-    optimizer: str = "adam", lr_start: float = 0.05, lr_end: float = 0.05,
+    optimizer: str = "adam", lr_start: float = 0.4, lr_end: float = 0.4,
     decay_power: float = 1.0, colour: str | Sequence[Sequence[float]] = "imagenet",
     squash: str = "sigmoid", transforms: RandomTransforms | None = None,
     layer_mapping: Mapping[str, str] | None = None, img_mean: Any = None,
