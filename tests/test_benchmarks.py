@@ -108,7 +108,7 @@ def test_bench_prior_table_and_figure(tmp_path):
     bench_prior.main(["--size", "32", "--threads", "1", "--iters", "3", "--layer-sets", "all",
                       "--sources", "true", "--methods", "icnn_gd", "icnn_fourier", "dgn_direct",
                       "--images", "astronaut", "chelsea", "--data-root", str(tmp_path / "demo"),
-                      "--out", str(out), "--figure", str(fig)])
+                      "--out", str(out), "--figure", str(fig), "--figure-cell", "all", "true"])
     rows = _rows(out)
     assert [(r["method"], r["readout"]) for r in rows] == [
         (m, k) for m in ("icnn_gd", "icnn_fourier", "dgn_direct") for k in ("iters", "time")]
