@@ -259,3 +259,12 @@ def test_prior_method_job(prior_jobs, method):
     assert (run_dir / "gallery.png").is_file() and (run_dir / "metrics.csv").is_file()
     # the summary points DGN users of a random generator to the weight-free prior
     assert ("method=icnn_fourier" in output_of(res)) == (method == "dgn_direct")
+
+
+def test_pixel_steps_are_refused_on_a_spectrum():
+    from icnn_pl.engine.icnn_steps import GDSteps
+
+    targets = {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
+    with pytest.raises(ConfigError, match="spectrum"):
+        build_reconstruction(targets, tiny_encoder(), partial(torch.optim.Adam, lr=0.1), 3,
+                             fourier=FOURIER, steps=GDSteps(blur_sigma=Linear(1.0, 0.5)))
