@@ -81,7 +81,7 @@ def run(c: Candidate, n_iter: int, device: str, overrides: list[str], encoder, t
     stamps: list[float] = []
     sync()
     t0 = time.perf_counter()
-    result = reconstruct(setup, targets, on_eval=lambda: stamps.append(time.perf_counter() - t0),
+    result = reconstruct(setup, targets, on_eval=lambda *_: stamps.append(time.perf_counter() - t0),
                          **c.trainer)
     return setup, targets, result.loss_history[0], np.asarray(stamps), result.images[0]
 

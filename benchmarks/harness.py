@@ -116,16 +116,18 @@ def true_targets(encoder: FeatureEncoder, layers: Sequence[str]) -> dict[str, to
 
 
 def reconstruct(setup: Setup, targets: Mapping[str, torch.Tensor],
-                on_eval: Callable[[], None] | None = None, **trainer_kwargs: Any) -> ReconResult:
-    """One reconstruction with the method's recipe; ``on_eval`` runs after each loss;
+                on_eval: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                build: Mapping[str, Any] | None = None, **trainer_kwargs: Any) -> ReconResult:
+    """One reconstruction with the method's recipe; ``on_eval(loss, image)`` runs after each
+    loss; ``build`` goes to ``Recipe.build`` (layer ``weights``, ``labels``, ``seed``);
     ``trainer_kwargs`` go to ``make_trainer`` (``precision``, ``tf32``)."""
-    module = setup.recipe.build(targets, setup.encoder)
+    module = setup.recipe.build(targets, setup.encoder, **(build or {}))
     if on_eval is not None:
         compute = module.compute_loss
 
         def timed():
             out = compute()
-            on_eval()
+            on_eval(*out)
             return out
 
         module.compute_loss = timed

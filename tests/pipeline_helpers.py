@@ -44,6 +44,9 @@ RESULT_COLUMNS = ("label", "method", "subject", "roi", "final_loss", "iterations
                   "function_evals", "seconds", "stop_reason", "loss_fell")
 METHODS = ("icnn_gd", "icnn_lbfgs", "icnn_dgn_gd", "icnn_dgn_lbfgs")
 DGN_METHODS = ("icnn_dgn_gd", "icnn_dgn_lbfgs")
+# The weight-free Fourier prior and the no-optimisation DGN baseline (tests/test_prior.py)
+PRIOR_METHODS = ("icnn_fourier", "icnn_fourier_lbfgs", "dgn_direct")
+ALL_METHODS = METHODS + PRIOR_METHODS
 
 
 # -- running the entry point ---------------------------------------------------------------

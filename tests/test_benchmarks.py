@@ -8,7 +8,14 @@ import csv
 
 import pytest
 
-from benchmarks import bench_batch, bench_iteration, bench_layers, bench_memory, bench_quality
+from benchmarks import (
+    bench_batch,
+    bench_iteration,
+    bench_layers,
+    bench_memory,
+    bench_prior,
+    bench_quality,
+)
 
 TINY = ["--size", "64", "--threads", "1"]
 pytestmark = pytest.mark.slow
@@ -94,3 +101,21 @@ def test_bench_batch(tmp_path):
     rows = _rows(out)
     assert [int(r["batch"]) for r in rows] == [1, 2]
     assert _positive(rows[1], "s_per_image_iter", "images_per_s_at_200_iter", "peak_mb")
+
+
+def test_bench_prior_table_and_figure(tmp_path):
+    out, fig = tmp_path / "prior.csv", tmp_path / "prior.png"
+    bench_prior.main(["--size", "32", "--threads", "1", "--iters", "3", "--layer-sets", "all",
+                      "--sources", "true", "--methods", "icnn_gd", "icnn_fourier", "dgn_direct",
+                      "--images", "astronaut", "chelsea", "--data-root", str(tmp_path / "demo"),
+                      "--out", str(out), "--figure", str(fig), "--figure-cell", "all", "true"])
+    rows = _rows(out)
+    assert [(r["method"], r["readout"]) for r in rows] == [
+        (m, k) for m in ("icnn_gd", "icnn_fourier", "dgn_direct") for k in ("iters", "time")]
+    for r in rows:
+        assert -1.0 <= float(r["pixel_corr"]) <= 1.0 and float(r["final_loss"]) > 0
+        assert float(r["ident_corr"]) in (0.0, 0.5, 1.0)  # two images: each right or wrong
+        assert float(r["evals"]) == (1 if r["method"] == "dgn_direct" else 3)
+    budget = float(rows[0]["budget_s"])
+    assert budget == pytest.approx(float(rows[0]["wall_s"]), abs=0.11)
+    assert fig.stat().st_size > 1000

@@ -445,7 +445,8 @@ def test_cli_help_and_error(cli_runs):
     for group in ("method", "optimizer", "network", "generator", "layers", "layer_weights",
                   "data", "logger", "trainer", "experiment"):
         assert f"{group}: " in helped.stdout, group
-    assert "icnn_dgn_gd, icnn_dgn_lbfgs, icnn_gd, icnn_lbfgs" in helped.stdout
+    assert ("dgn_direct, icnn_dgn_gd, icnn_dgn_lbfgs, icnn_fourier, icnn_fourier_lbfgs,"
+            " icnn_gd, icnn_lbfgs") in helped.stdout
     # the real process: exit code 2, one message with the fix, no traceback
     err = res["n_iter_zero"]
     assert err.returncode == 2, output_of(err)[-3000:]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from icnn_pl.engine.params import Parameterization, PixelImage
+from icnn_pl.engine.params import FourierImage, Parameterization, PixelImage
 from icnn_pl.engine.schedules import Linear
 from icnn_pl.errors import ConfigError
 
@@ -169,9 +169,10 @@ class GDSteps:
         }
         used = [k for k, v in image_ops.items() if v is not None]
         if used and not isinstance(param, PixelImage):
+            what = "a spectrum" if isinstance(param, FourierImage) else "a generator code"
             raise ConfigError(
-                f"{used} act on pixels but this method optimises a generator code",
-                "turn them off for DGN methods (they apply to icnn_gd only)",
+                f"{used} act on pixels but this method optimises {what}",
+                "turn them off for DGN and Fourier methods (they apply to icnn_gd only)",
             )
 
     # Jitter: shift image and every optimizer state of the same shape (the momentum buffer)

@@ -1,4 +1,5 @@
-"""What is optimised: the pixels of an image, or the input code of a generator.
+"""What is optimised: the pixels of an image, the input code of a generator, or the image's
+Fourier spectrum (a weight-free prior).
 
 Each parameterisation owns the only trainable tensor of a reconstruction, its box bounds,
 and ``forward()`` -> the Caffe-space image the encoder sees.
@@ -7,6 +8,7 @@ and ``forward()`` -> the Caffe-space image the encoder sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +86,107 @@ class GeneratorCode(Parameterization):
         return center_crop(self.generator(self.value), self.crop)
 
 
+# lucid's ImageNet colour correlation (square root of the RGB covariance, via SVD): rows are
+# output colours R, G, B. Our images are BGR, so the rows are reversed where it is used.
+IMAGENET_COLOUR_SQRT_RGB = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+COLOUR_DECORRELATIONS = ("imagenet", "none")
+SQUASHES = ("sigmoid", "clamp")
+FOURIER_GAIN = 0.25  # lucid's "/ 4": keeps its spectrum scale, so its learning rates carry over
+FOURIER_INIT_STD = 0.01  # lucid's initial spectrum: N(0, 0.01^2), an almost grey image
+_SQUASH_EPS = 1e-3  # the inverse clips pixels to [eps, 1 - eps] of the range (sigmoid)
+
+
+class FourierImage(Parameterization):
+    """The image as a decorrelated, 1/f-scaled Fourier spectrum (Olah et al. 2017, lucid).
+
+    ``value`` is the spectrum (B, 3, H, W//2+1, 2) (real, imaginary); the image is::
+
+        squash(colour @ irfft2(spectrum * gain / max(f, 1/max(H, W))^decay)) * 255 - mean
+
+    in Caffe space (BGR, 0-255 minus the mean), the space ``PixelImage`` holds and the
+    encoder reads. Scaling by 1/f makes every frequency equally easy to change, so the
+    optimiser does not fill the image with high-frequency patterns; the colour matrix
+    decorrelates the channels; the squash keeps raw pixels in [0, 255] without bounds.
+
+    Args:
+        spectrum: the initial spectrum (see ``to_spectrum`` for one from an image).
+        size: image (H, W).
+        mean_bgr: the encoder's mean pixel.
+        decay: exponent of the 1/f scale (1: lucid; 0: a plain Fourier basis).
+        colour: "imagenet" (lucid's matrix), "none" (identity) or a 3x3 RGB matrix.
+        squash: "sigmoid" (lucid's default) or "clamp" (clip to the range; the gradient
+            passes through, as lucid's ``constrain_L_inf``).
+    """
+
+    def __init__(self, spectrum: Tensor, size: tuple[int, int], mean_bgr: Sequence[float],
+                 decay: float = 1.0, colour: str | Sequence[Sequence[float]] = "imagenet",
+                 squash: str = "sigmoid") -> None:
+        super().__init__(spectrum, None, None)
+        self.size = (int(size[0]), int(size[1]))
+        h, w = self.size
+        if tuple(self.value.shape[1:]) != (3, h, w // 2 + 1, 2):
+            raise ConfigError(f"spectrum of shape {tuple(self.value.shape)} does not fit a"
+                              f" {h}x{w} image", f"give (B, 3, {h}, {w // 2 + 1}, 2)")
+        if squash not in SQUASHES:
+            raise ConfigError(f"squash={squash!r} is not known", f"use one of {SQUASHES}")
+        self.squash = squash
+        self.decay = float(decay)
+        freq = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None] ** 2)
+        self.register_buffer("scale", FOURIER_GAIN / freq.clamp_min(1.0 / max(h, w)) ** decay)
+        self.register_buffer("colour", colour_matrix_bgr(colour))
+        self.register_buffer("mean", torch.tensor(mean_bgr, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self) -> Tensor:
+        spectrum = torch.view_as_complex(self.value) * self.scale
+        u = torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
+        t = torch.einsum("ij,bjhw->bihw", self.colour, u)
+        if self.squash == "sigmoid":
+            s = torch.sigmoid(t)
+        else:  # clip to the range; the gradient passes as if unclipped (straight-through)
+            s = t + 0.5
+            s = s + (s.clamp(0.0, 1.0) - s).detach()
+        return s * 255.0 - self.mean
+
+    @torch.no_grad()
+    def to_spectrum(self, image: Tensor) -> Tensor:
+        """The spectrum (B, 3, H, W//2+1, 2) whose image is ``image`` (Caffe space): the
+        inverse of ``forward``, exact for raw pixels inside (eps, 255 - eps) (sigmoid) or
+        [0, 255] (clamp); pixels outside are clipped first."""
+        s = (image.to(self.mean) + self.mean) / 255.0
+        if self.squash == "sigmoid":
+            t = torch.logit(s.clamp(_SQUASH_EPS, 1.0 - _SQUASH_EPS))
+        else:
+            t = s.clamp(0.0, 1.0) - 0.5
+        u = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.colour), t)
+        return torch.view_as_real(torch.fft.rfft2(u, norm="ortho") / self.scale).contiguous()
+
+    @classmethod
+    def from_image(cls, image: Tensor, mean_bgr: Sequence[float], **options: Any
+                   ) -> FourierImage:
+        """A parameterisation that starts at ``image`` (B, 3, H, W), Caffe space."""
+        b, _, h, w = image.shape
+        param = cls(torch.zeros(b, 3, h, w // 2 + 1, 2), (h, w), mean_bgr, **options)
+        param.value.data.copy_(param.to_spectrum(image))
+        return param
+
+
+def colour_matrix_bgr(colour: str | Sequence[Sequence[float]]) -> Tensor:
+    """The 3x3 matrix from decorrelated to BGR colour: lucid's normalisation (divided by
+    its largest column norm), rows reversed from RGB to BGR."""
+    if isinstance(colour, str):
+        if colour not in COLOUR_DECORRELATIONS:
+            raise ConfigError(f"colour={colour!r} is not a known colour decorrelation",
+                              f"use one of {COLOUR_DECORRELATIONS} or a 3x3 RGB matrix")
+        m = torch.tensor(IMAGENET_COLOUR_SQRT_RGB) if colour == "imagenet" else torch.eye(3)
+    else:
+        m = torch.as_tensor(np.asarray(colour, dtype=np.float32))
+        if m.shape != (3, 3) or abs(float(torch.linalg.det(m))) < 1e-8:
+            raise ConfigError(f"colour matrix of shape {tuple(m.shape)} is not an invertible"
+                              " 3x3 matrix", "give 3 rows of 3 numbers (RGB), or 'imagenet'")
+    m = m.float() / m.norm(dim=0).max()
+    return m.flip(0).contiguous()
+
+
 def _bound(b: Tensor | float | np.ndarray | None, like: Tensor) -> Tensor | None:
     if b is None:
         return None
@@ -99,16 +202,29 @@ def _bound(b: Tensor | float | np.ndarray | None, like: Tensor) -> Tensor | None
 # -- initial values -----------------------------------------------------------------------
 PIXEL_INITS = ("uniform", "mean", "zeros", "normal")
 CODE_INITS = ("zeros", "normal")
+# Fourier: "normal" is lucid's random spectrum, "zeros" a grey image; "uniform" and "mean"
+# are the pixel inits, carried into the spectrum by the inverse.
+FOURIER_INITS = ("normal", "zeros", "uniform", "mean")
+INITS = {"pixel": PIXEL_INITS, "code": CODE_INITS, "fourier": FOURIER_INITS}
+# A code may also start at a target layer's features ("target:fc7"): the DGN-direct baseline.
+TARGET_INIT = "target:"
 
 
-def check_init(spec: InitSpec, of_code: bool, key: str = "init") -> None:
+def check_init(spec: InitSpec, of_code: bool | str, key: str = "init") -> None:
     """A named initial value must be one this parameter knows (arrays are checked for
-    shape when the parameter is made)."""
-    names = CODE_INITS if of_code else PIXEL_INITS
+    shape when the parameter is made). ``of_code``: True/False (code/pixels) or the
+    parameter's kind ("pixel", "code", "fourier")."""
+    kind = of_code if isinstance(of_code, str) else ("code" if of_code else "pixel")
+    names = INITS[kind]
+    if kind == "code" and isinstance(spec, str) and spec.startswith(TARGET_INIT) \
+            and len(spec) > len(TARGET_INIT):
+        return
     if isinstance(spec, str) and spec not in names:
-        what = "initial generator code" if of_code else "initial image"
+        what = {"code": "initial generator code", "pixel": "initial image",
+                "fourier": "initial spectrum"}[kind]
+        extra = f", {TARGET_INIT}<layer>" if kind == "code" else ""
         raise ConfigError(f"{key}={spec!r} is not a known {what}",
-                          f"use one of {names} or an array")
+                          f"use one of {names}{extra} or an array")
 
 
 def initial_image(
@@ -160,3 +276,17 @@ def initial_code(spec: InitSpec, batch: int, dim: int, rng: torch.Generator) -> 
             f"give a vector of {dim} values",
         )
     return t.clone()
+
+
+def initial_spectrum(spec: InitSpec, param: FourierImage, rng: torch.Generator) -> Tensor:
+    """One image's initial spectrum (1, 3, H, W//2+1, 2) for ``param``: ``normal`` (lucid:
+    N(0, 0.01^2), an almost grey image), ``zeros`` (grey), or a pixel init (``uniform``,
+    ``mean``, an RGB array) carried into the spectrum by the inverse."""
+    shape = (1, *param.value.shape[1:])
+    if isinstance(spec, str) and spec in ("normal", "zeros"):
+        return (torch.randn(shape, generator=rng) * FOURIER_INIT_STD if spec == "normal"
+                else torch.zeros(shape))
+    if isinstance(spec, str):
+        check_init(spec, "fourier")
+    mean_bgr = param.mean.flatten().tolist()
+    return param.to_spectrum(initial_image(spec, 1, param.size, mean_bgr, rng))

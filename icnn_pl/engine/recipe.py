@@ -16,12 +16,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from icnn_pl.engine.evaluate_only import evaluates_only
 from icnn_pl.engine.icnn_steps import GDSteps
 from icnn_pl.engine.lbfgsb import runs_to_completion
 from icnn_pl.engine.objective import Objective, layer_weights, make_mask
-from icnn_pl.engine.params import GeneratorCode, PixelImage, initial_code, initial_image
+from icnn_pl.engine.params import (
+    TARGET_INIT,
+    FourierImage,
+    GeneratorCode,
+    PixelImage,
+    initial_code,
+    initial_image,
+    initial_spectrum,
+)
 from icnn_pl.engine.reconstruction import OptimizerFactory, Reconstruction
 from icnn_pl.engine.schedules import Linear, check_n_iter
+from icnn_pl.engine.transforms import RandomTransforms
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets.encoder import FeatureEncoder
 
@@ -47,13 +57,17 @@ def build_reconstruction(
     return_last_forward: bool = False,
     labels: Sequence[str] | None = None,
     seed: int = 0,
+    fourier: Mapping[str, Any] | None = None,
+    transforms: RandomTransforms | None = None,
 ) -> Reconstruction:
     """A ready-to-fit reconstruction of B images from stacked targets (name -> (B, ...)).
 
     Pixel methods optimise the Caffe-space image (``pixel_bounds`` keeps raw pixels in
-    [0, 255]); with a ``generator`` they optimise its input code within ``code_bounds``.
+    [0, 255]); with a ``generator`` they optimise its input code within ``code_bounds``;
+    with ``fourier`` options (``FourierImage``'s decay, colour, squash) the image's
+    spectrum. ``transforms`` randomly move the image before the encoder each evaluation.
     """
-    n_iter = check_n_iter(n_iter)
+    n_iter = check_n_iter(n_iter, allow_zero=evaluates_only(optimizer))
     batch = next(iter(targets.values())).shape[0]
     labels = list(labels) if labels is not None else [str(i) for i in range(batch)]
     # One generator per image: an image starts from the same point alone or in a batch.
@@ -70,16 +84,46 @@ def build_reconstruction(
         {n: make_mask(n, shapes[n], masks.get(n), channels.get(n)) for n in targets},
         loss_type,
     )
-    param = _parameter(encoder, generator, init, rngs, code_bounds, pixel_bounds)
+    if fourier is not None:
+        param = _fourier_parameter(encoder, fourier, init, rngs)
+    else:
+        param = _parameter(encoder, generator, init, rngs, code_bounds, pixel_bounds, targets)
     return Reconstruction(
         param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
         return_last_forward=return_last_forward, labels=labels, seed=image_seed(seed, *labels),
+        transforms=transforms,
     )
+
+
+def _fourier_parameter(encoder: FeatureEncoder, options: Mapping[str, Any], init: Any,
+                       rngs: Sequence[torch.Generator]) -> FourierImage:
+    """The spectrum of each image, one initial value per image (as for the pixels)."""
+    h, w = encoder.input_size
+    param = FourierImage(torch.zeros(len(rngs), 3, h, w // 2 + 1, 2), (h, w),
+                         encoder.mean_bgr, **options)
+    param.value.data.copy_(torch.cat([initial_spectrum(_one(init, i), param, rng)
+                                      for i, rng in enumerate(rngs)]))
+    return param
+
+
+def _target_code(init: str, targets: Mapping[str, torch.Tensor], dim: int) -> torch.Tensor:
+    """``target:<layer>``: the code is that target layer's features (the DGN-direct
+    baseline feeds decoded fc7 features straight into the generator)."""
+    layer = init[len(TARGET_INIT):]
+    if layer not in targets:
+        raise ConfigError(f"init={init!r} but {layer} is not among the target layers",
+                          f"add {layer} to the layers (layers=all)")
+    code = targets[layer].detach().float().cpu().reshape(targets[layer].shape[0], -1)
+    if code.shape[1] != dim:
+        raise ConfigError(f"{layer} has {code.shape[1]} features but the generator code has"
+                          f" {dim}", "use the layer the generator takes (fc7 for relu7)")
+    return code.clone()
 
 
 def _parameter(encoder: FeatureEncoder, generator: nn.Module | None, init: Any,
                rngs: Sequence[torch.Generator], code_bounds: tuple[Bound, Bound],
-               pixel_bounds: bool) -> PixelImage | GeneratorCode:
+               pixel_bounds: bool, targets: Mapping[str, torch.Tensor]
+               ) -> PixelImage | GeneratorCode:
     """The pixels (Caffe space) or the generator code, one initial value per image."""
     if generator is None:
         init_value = torch.cat([
@@ -87,6 +131,11 @@ def _parameter(encoder: FeatureEncoder, generator: nn.Module | None, init: Any,
             for i, rng in enumerate(rngs)])
         return PixelImage(init_value, encoder.mean_bgr, bounded=pixel_bounds)
     dim = int(getattr(generator, "input_size", 4096))
+    if isinstance(init, str) and init.startswith(TARGET_INIT):
+        param = GeneratorCode(_target_code(init, targets, dim), generator, encoder.input_size,
+                              *code_bounds)
+        param.project_()  # clipped to the code bounds, as the code the generator was made for
+        return param
     init_value = torch.cat([initial_code(_one(init, i), 1, dim, rng)
                             for i, rng in enumerate(rngs)])
     return GeneratorCode(init_value, generator, encoder.input_size, *code_bounds)
@@ -95,8 +144,9 @@ def _parameter(encoder: FeatureEncoder, generator: nn.Module | None, init: Any,
 @dataclass
 class Recipe:
     """Everything about a method that does not depend on the images: what is optimised
-    (pixels, or the code of ``generator``), how (optimizer, schedules, iCNN steps), within
-    which bounds, and with which loss. The keyword arguments of ``build_reconstruction``."""
+    (pixels, the code of ``generator``, or the spectrum), how (optimizer, schedules, iCNN
+    steps), within which bounds, and with which loss. The keyword arguments of
+    ``build_reconstruction``."""
 
     optimizer: OptimizerFactory
     n_iter: int
@@ -110,6 +160,8 @@ class Recipe:
     masks: Mapping[str, Any] | None = None
     channels: Mapping[str, Sequence[int]] | None = None
     return_last_forward: bool = False
+    fourier: Mapping[str, Any] | None = None  # FourierImage options: optimise the spectrum
+    transforms: RandomTransforms | None = None
 
     @property
     def runs_to_completion(self) -> bool:

@@ -27,6 +27,7 @@ from icnn_pl.engine.lbfgsb import check_one_problem, runs_to_completion
 from icnn_pl.engine.objective import Objective
 from icnn_pl.engine.params import GeneratorCode, Parameterization
 from icnn_pl.engine.schedules import Linear, apply_schedules
+from icnn_pl.errors import ConfigError
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
 
@@ -59,7 +60,9 @@ class Reconstruction(pl.LightningModule):
         return_last_forward: return the image of the last forward pass (before the final
             update) and the code that produced it, as the reference DGN-GD does.
         labels: image names, used as logging keys.
-        seed: seeds the jitter offsets.
+        seed: seeds the jitter offsets and the random transforms.
+        transforms: ``(image, rng) -> image`` the encoder sees instead of the image
+            (``RandomTransforms``: transformation robustness); the result is untransformed.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Reconstruction(pl.LightningModule):
         return_last_forward: bool = False,
         labels: Sequence[str] | None = None,
         seed: int = 0,
+        transforms: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -91,6 +95,11 @@ class Reconstruction(pl.LightningModule):
         self.labels = list(labels) if labels is not None else [
             str(i) for i in range(param.value.shape[0])]
         self._rng = torch.Generator().manual_seed(seed)
+        self.transforms = transforms
+        if transforms is not None and self.runs_to_completion:
+            raise ConfigError("random transforms with L-BFGS: a different objective at every"
+                              " evaluation breaks its line search",
+                              "use transforms with a gradient method (icnn_fourier)")
         self._history: list[torch.Tensor] = []
         self._last_image: torch.Tensor | None = None
         self._last_code: torch.Tensor | None = None
@@ -136,7 +145,8 @@ class Reconstruction(pl.LightningModule):
     def compute_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per image (B,) and the image it was computed on."""
         image = self.param()
-        return self.objective(self.encoder(image)), image
+        seen = image if self.transforms is None else self.transforms(image, self._rng)
+        return self.objective(self.encoder(seen)), image
 
     def training_step(self, t: int, batch_idx: int = 0) -> None:
         opt = self.optimizers()

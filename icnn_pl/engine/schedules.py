@@ -16,10 +16,12 @@ import torch
 from icnn_pl.errors import ConfigError
 
 
-def check_n_iter(n_iter: Any, key: str = "n_iter") -> int:
-    """The iteration budget (GD iterations, L-BFGS-B ``maxiter``) as a positive int; the
-    one check of it, shared by the functional API, the optimizers and the config checks."""
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int | np.integer) or n_iter <= 0:
+def check_n_iter(n_iter: Any, key: str = "n_iter", allow_zero: bool = False) -> int:
+    """The iteration budget (GD iterations, L-BFGS-B ``maxiter``) as a positive int (0 for
+    the evaluate-only baselines); the one check of it, shared by the functional API, the
+    optimizers and the config checks."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int | np.integer) \
+            or n_iter < (0 if allow_zero else 1):
         raise ConfigError(f"{key}={n_iter!r} must be a positive integer",
                           f"set {key}=200 (GD iterations / L-BFGS maxiter; any integer >= 1)")
     return int(n_iter)

@@ -19,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from icnn_pl.data.datamodule import check_selection
 from icnn_pl.data.demo import demo_subject
 from icnn_pl.data.std_correction import check_std_correction
+from icnn_pl.engine.evaluate_only import evaluates_only
 from icnn_pl.engine.fit import check_trainer_options
-from icnn_pl.engine.lbfgsb import check_one_problem
+from icnn_pl.engine.lbfgsb import check_one_problem, runs_to_completion
 from icnn_pl.engine.objective import check_layer_weighting, check_loss_type
-from icnn_pl.engine.params import check_init
+from icnn_pl.engine.params import SQUASHES, check_init, colour_matrix_bgr
 from icnn_pl.engine.reconstruction import OptimizerFactory
 from icnn_pl.engine.schedules import check_n_iter
+from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets import ARCHITECTURES
 from icnn_pl.nets.encoder import INPUT_SPACES
@@ -38,7 +40,7 @@ from icnn_pl.pipeline.data_sources import (
 )
 from icnn_pl.pipeline.loggers import check_logger
 
-METHOD_PARAMS = ("pixel", "code")
+METHOD_PARAMS = ("pixel", "code", "fourier")
 CUSTOM = "custom"  # network.arch of network=custom (network.module builds the encoder)
 # Files a config may name: they must exist before the (slow) networks are built.
 FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "data.std_ref",
@@ -73,7 +75,6 @@ def _check_method(cfg: DictConfig) -> None:
     m = cfg.method
     if m.param not in METHOD_PARAMS:
         raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
-    check_n_iter(m.n_iter, "method.n_iter")
     for name, value in (plain(cfg.optimizer.get("schedule")) or {}).items():
         if not (isinstance(value, list) and len(value) == 2
                 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
@@ -82,6 +83,9 @@ def _check_method(cfg: DictConfig) -> None:
         if name == "lr" and min(value) < 0:
             raise ConfigError(f"optimizer.schedule.lr={value} is negative",
                               "use a non-negative learning rate")
+    # after the schedules: the optimizer factory reads them
+    check_n_iter(m.n_iter, "method.n_iter", allow_zero=evaluates_only(optimizer_factory(cfg)))
+    _check_prior(cfg)
     if m.param == "code" and cfg.get("generator") is None:
         raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
                           "add generator=relu7")
@@ -89,6 +93,32 @@ def _check_method(cfg: DictConfig) -> None:
             cfg.generator.get("act_range") in (None, "???"):
         raise ConfigError("generator.act_range is required by this preset (paper bounds)",
                           "set generator.act_range=/path/to/act_range_3x.txt")
+
+
+def _check_prior(cfg: DictConfig) -> None:
+    """The Fourier options and the random transforms, before anything is built."""
+    m = cfg.method
+    if m.param == "fourier":
+        f = plain(m.get("fourier")) or {}
+        unknown = sorted(set(f) - {"decay", "colour", "squash"})
+        if unknown:
+            raise ConfigError(f"method.fourier has unknown keys {unknown}",
+                              "use method.fourier.decay, .colour and .squash")
+        if not _plain_number(f.get("decay", 1.0)):
+            raise ConfigError(f"method.fourier.decay={f['decay']!r} must be a number",
+                              "set method.fourier.decay=1.0 (lucid)")
+        colour_matrix_bgr(f.get("colour", "imagenet"))
+        if f.get("squash", "sigmoid") not in SQUASHES:
+            raise ConfigError(f"method.fourier.squash={f['squash']!r} is not known",
+                              f"use one of {SQUASHES}")
+    t = plain(m.get("transforms"))
+    if t:
+        if m.param == "code" or runs_to_completion(optimizer_factory(cfg)):
+            raise ConfigError(f"method.transforms with {m.name}: random transforms need an"
+                              " image and a gradient method",
+                              "use them with method=icnn_fourier (or icnn_gd), or set"
+                              " method.transforms=null")
+        make_transforms(t, "method.transforms")
 
 
 def _check_layer_names(cfg: DictConfig) -> None:
@@ -204,7 +234,7 @@ def _check_values(cfg: DictConfig) -> None:
     """Values that would otherwise fail only when the first image starts (or in Lightning)."""
     m, net = cfg.method, cfg.network
     check_layer_weighting(plain(cfg.layer_weights.mode), "layer_weights.mode")
-    check_init(m.get("init"), of_code=m.param == "code", key="method.init")
+    check_init(m.get("init"), of_code=m.param, key="method.init")
     check_loss_type(plain(m.get("loss_type", "l2")), "method.loss_type")
     size, mean = plain(net.input_size), plain(net.mean_bgr)
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):

@@ -24,10 +24,12 @@ from torch import nn
 from icnn_pl.data.datamodule import ReconDataModule
 from icnn_pl.data.matio import load_mat_dict
 from icnn_pl.data.readers import load_act_range, load_reference_std
+from icnn_pl.engine.evaluate_only import evaluates_only
 from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer
 from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets import build_encoder, build_generator, fingerprint
 from icnn_pl.nets.encoder import FeatureEncoder
@@ -138,9 +140,10 @@ def job_ident_layer(cfg: DictConfig, encoder: FeatureEncoder) -> str | None:
 def build_recipe(cfg: DictConfig) -> Recipe:
     """The method (optimizer, schedules, iCNN steps, generator and its code bounds)."""
     m = cfg.method
+    optimizer = optimizer_factory(cfg)
     recipe = Recipe(
-        optimizer=optimizer_factory(cfg),
-        n_iter=int(m.n_iter),
+        optimizer=optimizer,
+        n_iter=0 if evaluates_only(optimizer) else int(m.n_iter),  # dgn_direct: no iterations
         schedules={k: as_schedule(v) for k, v in plain(cfg.optimizer.schedule or {}).items()},
         steps=build_steps(plain(m.steps)),
         init=m.init,
@@ -148,6 +151,10 @@ def build_recipe(cfg: DictConfig) -> Recipe:
         loss_type=plain(m.loss_type),
         return_last_forward=bool(m.return_last_forward),
     )
+    if m.param == "fourier":
+        recipe.fourier = plain(m.fourier) or {}
+    if m.get("transforms"):
+        recipe.transforms = make_transforms(plain(m.transforms))
     if m.param == "code":
         g = cfg.generator
         recipe.generator = build_generator(g.arch, _weights_path(g.weights, "generator.weights"),
@@ -215,8 +222,9 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                ident_layer=job_ident_layer(cfg, encoder),
                info={"layers": cfg.layers.name, "network": cfg.network.name,
                      "network_weights": cfg.network.weights, "data": cfg.data.name,
-                     "optimizer": cfg.optimizer.name, "n_iter": int(cfg.method.n_iter),
+                     "optimizer": cfg.optimizer.name, "n_iter": recipe.n_iter,
                      "generator": None if cfg.get("generator") is None else cfg.generator.name,
+                     "generator_weights": OmegaConf.select(cfg, "generator.weights"),
                      "seed": int(cfg.seed)})
 
 

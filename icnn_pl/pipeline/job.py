@@ -236,7 +236,7 @@ def _reconstruct(job: Job, batch: TargetBatch, step: int, bar: tqdm
 
 def _warn_if_flat(label: str, row: dict[str, Any]) -> None:
     """A reconstruction whose loss never fell returned its initial image: say so."""
-    if not row["loss_fell"]:
+    if row["loss_fell"] is False:
         log.warning("%s: the loss did not fall (%d evaluation(s), optimiser stopped: %s):"
                     " the result is its initial image; try another initial image/code"
                     " (method.init) or check the targets", label, row["function_evals"],

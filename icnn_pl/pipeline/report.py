@@ -45,7 +45,9 @@ def result_row(job: Job, label: str, history: np.ndarray, n_evals: int,
     return {"label": label, "method": job.method, "subject": job.subject, "roi": job.roi,
             "final_loss": float(np.ravel(history)[-1]), "iterations": job.recipe.n_iter,
             "function_evals": int(n_evals), "seconds": seconds,
-            "stop_reason": stop_reason, "loss_fell": loss_fell(history)}
+            "stop_reason": stop_reason,
+            # None where nothing was optimised (dgn_direct): not a loss that failed to fall
+            "loss_fell": loss_fell(history) if job.recipe.n_iter > 0 else None}
 
 
 def loss_fell(history: np.ndarray) -> bool:
@@ -183,3 +185,16 @@ def _print_summary(job: Job, table: list[dict[str, Any]], summary: Mapping[str, 
         print(f"WARNING: the loss did not fall for {len(flat)} image(s) (the result is its"
               " initial image): " + "; ".join(f"{r['label']} ({r.get('stop_reason') or '?'})"
                                               for r in flat))
+    if (hint := random_generator_hint(job.info)) is not None:
+        print(hint)
+
+
+def random_generator_hint(info: Mapping[str, Any]) -> str | None:
+    """The summary's pointer to the weight-free prior when a DGN method ran a random
+    generator (no weight file, e.g. the demo), whose images are noise by nature."""
+    if not info.get("generator") or info.get("generator_weights"):
+        return None
+    return ("NOTE: the generator has no weight file (generator.weights=null): it is a seeded"
+            " RANDOM network, so its images are noise - that is what a random generator"
+            " gives, not a fault. For an image prior that needs no weights, run"
+            " method=icnn_fourier; for the paper's DGN, set generator.weights=<generator.pt>.")
