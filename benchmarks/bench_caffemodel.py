@@ -13,14 +13,15 @@ encoders' features (19 layers, 64x64 input). Both files are deleted at the end.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import numpy as np
+
+from benchmarks.harness import REPO, write_csv
 
 _WRITE = r"""
 import sys
@@ -66,8 +67,6 @@ def _python(code: str, *args: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import numpy as np
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeats", type=int, default=2, help="fresh loads per file")
@@ -101,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
                          for c in cols))
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, cols)
-            w.writeheader()
-            w.writerows({c: row[c] for c in cols} for row in rows)
+    write_csv([{c: row[c] for c in cols} for row in rows], args.out)
 
 
 if __name__ == "__main__":

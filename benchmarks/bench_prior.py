@@ -36,14 +36,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import add_common_args, compose_cfg, method_setup, report, setup_run
+from benchmarks.harness import (
+    Setup,
+    add_common_args,
+    compose_cfg,
+    method_setup,
+    report,
+    setup_run,
+)
 from benchmarks.harness import reconstruct as run_recipe
 from icnn_pl.data.datamodule import TargetBatch
-from icnn_pl.image import from_caffe
+from icnn_pl.image import display_image, from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline.factory import build_datamodule, build_encoder_from_cfg
 from icnn_pl.review.gallery import make_gallery, save_png
-from icnn_pl.review.metrics import score_images
+from icnn_pl.review.metrics import pixel_correlation, score_images
 
 # name -> (the layers option of conf/layers, its first layers left out)
 LAYER_SETS = {"conv3+": ("conv", ("conv1_1", "conv1_2", "conv2_1", "conv2_2")), "all": ("all", ())}
@@ -88,9 +95,8 @@ def batches(size: int, layers: Sequence[str], source: str, labels: Sequence[str]
     return list(dm.predict_dataloader(list(labels)))
 
 
-def reconstruct(method: str, batch: TargetBatch, n_iter: int, overrides: Sequence[str],
-                encoder: FeatureEncoder, device: str) -> Run:
-    setup = method_setup(method, n_iter, device, overrides, encoder)
+def reconstruct(setup: Setup, batch: TargetBatch, encoder: FeatureEncoder) -> Run:
+    """One stimulus with a method's ``setup``; every evaluation's time, loss and best image."""
     run = Run(image=np.empty(0), loss=float("nan"), evals=0, wall_s=0.0)
     best = [float("inf"), None]
     t0 = time.perf_counter()
@@ -146,8 +152,12 @@ def save_figure(path: Path, runs: dict[str, dict[str, Run]], trues: dict[str, np
     labels = list(trues)
     rows = [(lab, [trues[lab].astype(np.uint8), *(r[lab].image for r in runs.values())])
             for lab in labels]
-    captions = [["", *(f"r={scores({lab: r[lab].image}, trues)['pixel_corr']:.2f}"
-                       for r in runs.values())] for lab in labels]
+
+    def pixel_r(image: np.ndarray, lab: str) -> float:  # rounded to 3 first, as in the table
+        return round(pixel_correlation(display_image(image), trues[lab]), 3)
+
+    captions = [["", *(f"r={pixel_r(r[lab].image, lab):.2f}" for r in runs.values())]
+                for lab in labels]
     path.parent.mkdir(parents=True, exist_ok=True)
     picture = make_gallery(rows, ["true", *runs], captions, cell=96)
     save_png(picture.quantize(256), path)  # 256 colours: a small file for the docs
@@ -201,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             for label, method, extra in candidates:
                 if method in FC7_METHODS and "fc7" not in layers:
                     continue
-                runs = {b.labels[0]: reconstruct(method, b, args.iters, [*overrides, *extra],
-                                                 encoder, args.device) for b in data}
+                # one recipe per candidate, as a job builds one for all its images
+                setup = method_setup(method, args.iters, args.device, [*overrides, *extra],
+                                     encoder)
+                runs = {b.labels[0]: reconstruct(setup, b, encoder) for b in data}
                 if budget_s is None:
                     budget_s = statistics.mean(r.wall_s for r in runs.values())
                 shown[label] = runs

@@ -26,10 +26,7 @@ script itself, with no meaningful figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import functools
-import io
 import os
 import platform
 import re
@@ -51,10 +48,13 @@ from benchmarks.harness import (
     REPO,
     PeakMemory,
     interleave,
+    markdown,
     method_setup,
     print_markdown,
+    read_csv,
     reconstruct,
     sync,
+    trainer_overrides,
     true_targets,
     write_csv,
 )
@@ -112,12 +112,6 @@ class Check:
     @property
     def cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
-
-    def trainer_overrides(self) -> list[str]:
-        if not self.cuda:
-            return ["trainer=cpu"]
-        index = torch.device(self.device).index
-        return ["trainer=gpu"] + ([f"trainer.devices=[{index}]"] if index else [])
 
     def table(self, name: str, rows: list[dict[str, Any]]) -> None:
         self.tables[name] = rows
@@ -194,7 +188,7 @@ def main_command(check: Check) -> None:
     """``python train_recon.py`` on the demo, as a user runs it (a child process)."""
     p = check.plan
     run_dir = check.out / "main_run"
-    args = ["method=icnn_dgn_gd", *check.trainer_overrides(), f"data.limit={p.main_images}",
+    args = ["method=icnn_dgn_gd", *trainer_overrides(check.device), f"data.limit={p.main_images}",
             f"method.n_iter={p.main_iters}", f"network.input_size=[{p.size},{p.size}]",
             f"layers={p.layers}",
             "logger=csv", "progress=false", f"data.root={check.out / 'demo'}",
@@ -208,8 +202,7 @@ def main_command(check: Check) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"train_recon.py failed (exit {proc.returncode}); see"
                            f" {check.out / 'main_command.log'}")
-    with open(run_dir / "results.csv", newline="") as fh:
-        results = list(csv.DictReader(fh))
+    results = read_csv(run_dir / "results.csv")
     check.table("main_command", [
         {"command": "python train_recon.py " + " ".join(args[:5]), "images": len(results),
          "wall_s": round(wall, 1),
@@ -225,7 +218,7 @@ def api_methods(check: Check) -> None:
 
     p = check.plan
     gd = _setup(check, "icnn_gd", p.api_iters)
-    dgn = _setup(check, "icnn_dgn_gd", p.api_iters, gd.encoder)
+    dgn = _setup(check, "icnn_dgn_gd", p.api_iters)
     feats = {n: t.cpu().numpy() for n, t in true_targets(gd.encoder, gd.layers).items()}
     calls: dict[str, Callable[[], tuple[np.ndarray, ...]]] = {
         "icnn_gd": lambda: icnn_gd.reconstruct_image(feats, gd.encoder, iter_n=p.api_iters),
@@ -257,11 +250,10 @@ def api_methods(check: Check) -> None:
 def iteration(check: Check) -> None:
     """Seconds per iteration (slope) and fixed seconds of floor, icnn-pl and bdpy."""
     p = check.plan
-    rows, encoder = [], None
+    rows = []
     for method in GD_METHODS:
-        setups = {n: _setup(check, method, n, encoder) for n in (p.short, p.long)}
-        encoder = setups[p.short].encoder
-        targets = true_targets(encoder, setups[p.short].layers)
+        setups = {n: _setup(check, method, n) for n in (p.short, p.long)}
+        targets = true_targets(check.encoder, setups[p.short].layers)
         candidates = {"floor": bench_iteration.floor, "icnn-pl": bench_iteration.icnn_pl}
         if p.bdpy:
             candidates["bdpy"] = bench_iteration.bdpy_peer
@@ -285,11 +277,10 @@ def iteration(check: Check) -> None:
 def batch(check: Check) -> None:
     """Images per second against batch size, until the device's memory runs out."""
     p = check.plan
-    rows, encoder = [], None
+    rows = []
     for method in GD_METHODS:
-        setups = {n: _setup(check, method, n, encoder) for n in (p.batch_short, p.batch_long)}
-        encoder = setups[p.batch_short].encoder
-        targets = true_targets(encoder, setups[p.batch_short].layers)
+        setups = {n: _setup(check, method, n) for n in (p.batch_short, p.batch_long)}
+        targets = true_targets(check.encoder, setups[p.batch_short].layers)
         for b in p.batches:
             row: dict[str, Any] = {"method": method, "batch": b}
             try:
@@ -318,11 +309,10 @@ def batch(check: Check) -> None:
 def precision(check: Check) -> None:
     """float32 vs tf32 vs bf16-mixed on the same targets and start."""
     p = check.plan
-    rows, encoder = [], None
+    rows = []
     for method in GD_METHODS:
-        setup = _setup(check, method, p.precision_iters, encoder)
-        encoder = setup.encoder
-        targets = true_targets(encoder, setup.layers)
+        setup = _setup(check, method, p.precision_iters)
+        targets = true_targets(check.encoder, setup.layers)
         if p.warmup:
             reconstruct(setup, targets)  # first-touch allocations, cuDNN plans
         for name, options in PRECISIONS.items():
@@ -352,12 +342,13 @@ def _total(candidate: Callable[..., float], setup: Any, targets: Any, n: int) ->
     return candidate(setup, targets, n) * n
 
 
-def _setup(check: Check, method: str, n_iter: int, encoder: Any = None):
-    """``method``'s pipeline setup with ``n_iter`` iterations; one encoder for the check."""
+def _setup(check: Check, method: str, n_iter: int):
+    """``method``'s pipeline setup with ``n_iter`` iterations; one encoder for the check
+    (built by the first call, ``check.encoder`` after that)."""
     size = check.plan.size
     setup = method_setup(method, n_iter, check.device,
                          [f"network.input_size=[{size},{size}]", f"layers={check.plan.layers}",
-                          *check.trainer_overrides()], encoder or check.encoder)
+                          *trainer_overrides(check.device)], check.encoder)
     check.encoder = setup.encoder
     return setup
 
@@ -375,10 +366,7 @@ def write_summary(check: Check, argv: Sequence[str]) -> Path:
              "", "| section | status |", "|---|---|"]
     lines += [f"| {name} | {status} |" for name, status in check.status.items()]
     for name, rows in check.tables.items():
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            print_markdown(rows)
-        lines += ["", f"## {name}", "", out.getvalue().rstrip()]
+        lines += ["", f"## {name}", "", markdown(rows)]
     path = check.out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

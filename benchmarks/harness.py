@@ -53,10 +53,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def setup_run(args: argparse.Namespace) -> list[str]:
     """Apply ``--threads``; the config overrides that ``--size`` and ``--device`` mean."""
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    trainer = ["trainer.accelerator=cpu"] if device.type != "cuda" else [
-        "trainer.accelerator=gpu", f"trainer.devices=[{device.index or 0}]"]
-    return [f"network.input_size=[{args.size},{args.size}]", *trainer]
+    return [f"network.input_size=[{args.size},{args.size}]", *trainer_overrides(args.device)]
+
+
+def trainer_overrides(device: str | torch.device) -> list[str]:
+    """The trainer config that runs on ``device``: ``trainer=cpu``, or ``trainer=gpu``
+    (device 0) with ``trainer.devices=[i]`` for ``cuda:i``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["trainer=cpu"]
+    return ["trainer=gpu"] + ([f"trainer.devices=[{device.index}]"] if device.index else [])
 
 
 # -- configs and networks -----------------------------------------------------------------
@@ -285,11 +291,15 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | None) -> None:
 
 
 def print_markdown(rows: Sequence[Mapping[str, Any]]) -> None:
+    print(markdown(rows))
+
+
+def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as a Markdown table (columns in first-seen order)."""
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(fields) + " |")
-    print("|" + "---|" * len(fields))
-    for row in rows:
-        print("| " + " | ".join(_cell(row.get(k, "")) for k in fields) + " |")
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in fields) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _cell(v: Any) -> str:
