@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from icnn_pl.errors import ConfigError
+from icnn_pl.errors import ConfigError, one_line
 
 # The network's input: Caffe space as is, or torchvision's normalised RGB.
 INPUT_SPACES = ("caffe_bgr", "rgb_imagenet")
@@ -266,7 +266,7 @@ class FeatureEncoder(nn.Module):
             where = stack[-1] if stack else ""
             module = self.net.get_submodule(where) if where else self.net
             at = f"in module {where or '(the whole network)'!r} ({type(module).__name__})"
-            what = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+            what = one_line(exc)
             h, w = self.input_size
             if _SIZE_ERROR.search(str(exc)):
                 raise ConfigError(
