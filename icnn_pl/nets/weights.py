@@ -37,9 +37,8 @@ def is_caffemodel(path: str | Path) -> bool:
     return Path(path).suffix == ".caffemodel"
 
 
-def read_state_dict(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors``, a torch file (``.pt``/``.pth``/``.bin``) or
-    a ``.caffemodel`` (keys ``<caffe layer>.weight``/``.bias``, shapes as in the file)."""
+def _existing_weight_file(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; a WeightsError when it is not an existing file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -47,6 +46,13 @@ def read_state_dict(path: str | Path) -> StateDict:
             "pass the path of an existing file (e.g. network.weights=/abs/path/"
             "VGG_ILSVRC_19_layers.pt) or leave it null to use a seeded random network",
         )
+    return path
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a state dict from ``.safetensors``, a torch file (``.pt``/``.pth``/``.bin``) or
+    a ``.caffemodel`` (keys ``<caffe layer>.weight``/``.bias``, shapes as in the file)."""
+    path = _existing_weight_file(path)
     if is_caffemodel(path):
         return read_caffemodel(path)
     try:
@@ -102,11 +108,9 @@ def load_weights(module: nn.Module, path: str | Path, arch: str,
     ``layer_mapping`` (``conv1_1`` -> ``features.0``), else module paths. A module built on
     the meta device (no memory, no initialisation) takes the loaded tensors as they are.
     """
+    path = _existing_weight_file(path)
     expected = module.state_dict()
     if is_caffemodel(path):
-        path = Path(path).expanduser()
-        if not path.is_file():
-            read_state_dict(path)  # the not-found message
         state = caffe_state_dict(path, expected, caffe_layer_map(module, layer_mapping))
     else:
         state = KEY_FIXERS.get(arch, dict)(read_state_dict(path))
