@@ -252,10 +252,10 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 
 def check_layers(layers: list[LayerInfo], expected: Mapping[str, torch.Tensor],
-                 layer_map: Mapping[str, str], path: Path) -> dict[str, tuple[BlobInfo, str]]:
+                 layer_map: Mapping[str, str], path: Path) -> dict[str, BlobInfo]:
     """Match Caffe layers to the model's parameters by name; every mismatch in one error.
 
-    Returns state-dict key -> (blob, Caffe name of the blob) for every expected key.
+    Returns state-dict key -> blob for every expected key.
     """
     by_name: dict[str, LayerInfo] = {}
     for layer in layers:
@@ -268,7 +268,7 @@ def check_layers(layers: list[LayerInfo], expected: Mapping[str, torch.Tensor],
     mapped_keys = {f"{p}.{b}" for p in to_module.values() for b in BLOB_NAMES}
     unmapped = sorted(k for k in expected if k not in mapped_keys)
     missing, extra, wrong = [], [], []
-    plan: dict[str, tuple[BlobInfo, str]] = {}
+    plan: dict[str, BlobInfo] = {}
     for caffe_name, module_path in to_module.items():
         keys = [k for k in (f"{module_path}.{b}" for b in BLOB_NAMES) if k in expected]
         if not keys:
@@ -287,7 +287,7 @@ def check_layers(layers: list[LayerInfo], expected: Mapping[str, torch.Tensor],
             if _squeezed(blob.shape) != _squeezed(shape):
                 wrong.append(f"{caffe_name} {key.rsplit('.', 1)[1]}: file {_fmt(blob.shape)}"
                              f" vs model {_fmt(shape)}")
-            plan[key] = (blob, caffe_name)
+            plan[key] = blob
     for name, layer in by_name.items():
         if name not in to_module:
             extra.append(f"{name} [{layer.type}] ({', '.join(_fmt(b.shape) for b in layer.blobs)})")
@@ -352,22 +352,20 @@ def caffe_layer_map(module: torch.nn.Module, layer_mapping: Mapping[str, str] | 
 
 
 def caffe_state_dict(path: str | Path, expected: Mapping[str, torch.Tensor],
-                     layer_map: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+                     layer_map: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """A state dict for a model with ``expected`` parameters from a ``.caffemodel``.
 
-    ``layer_map``: Caffe layer name -> module path (``{"conv1_1": "features.0"}``); None
-    means the module paths are the Caffe names (the relu7 generator). The file's structure
-    is checked first (missing, extra and mis-shaped layers, all listed), then each blob is
-    copied once into a float32 tensor of the model's shape.
+    ``layer_map``: Caffe layer name -> module path (``{"conv1_1": "features.0"}``), as
+    ``caffe_layer_map`` builds it (the relu7 generator's module paths are its Caffe names).
+    The file's structure is checked first (missing, extra and mis-shaped layers, all
+    listed), then each blob is copied once into a float32 tensor of the model's shape.
     """
     path = Path(path).expanduser()
-    if layer_map is None:
-        layer_map = {k.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k in expected}
     plan = check_layers(read_layers(path), expected, layer_map, path)
     state: dict[str, torch.Tensor] = {}
     buf = _open(path)
     try:
-        for key, (blob, _) in plan.items():
+        for key, blob in plan.items():
             arr = _copy_blob(buf, blob)
             state[key] = torch.from_numpy(arr).view(tuple(expected[key].shape))
     finally:
