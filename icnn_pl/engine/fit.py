@@ -181,8 +181,8 @@ class KeepOnDevice(SingleDeviceStrategy):
 
 
 def resolve_device(accelerator: str = "auto", devices: Any = 1) -> torch.device:
-    """The one device a reconstruction with these Trainer settings runs on."""
-    check_trainer_options(accelerator, devices=devices)
+    """The one device a reconstruction with these Trainer settings runs on (the options
+    are checked by ``check_trainer_options`` first: ``make_trainer``, its caller)."""
     index = check_devices(devices)
     kind = str(accelerator)
     if kind == "auto":
