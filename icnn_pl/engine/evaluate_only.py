@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from icnn_pl.engine.lbfgsb import optimizer_flag
+
 
 class EvaluateOnly(torch.optim.Optimizer):
     """One loss evaluation of the initial value; zero iterations."""
@@ -31,4 +33,4 @@ class EvaluateOnly(torch.optim.Optimizer):
 
 def evaluates_only(factory: Any) -> bool:
     """Whether an optimizer (class, partial or instance) only evaluates (zero iterations)."""
-    return bool(getattr(getattr(factory, "func", factory), "evaluates_only", False))
+    return optimizer_flag(factory, "evaluates_only")

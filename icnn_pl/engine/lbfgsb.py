@@ -17,11 +17,16 @@ Tensor = torch.Tensor
 LOSS_SCALES = ("grad", "none")
 
 
+def optimizer_flag(factory: Any, name: str) -> bool:
+    """The class flag ``name`` of an optimizer (class, ``functools.partial`` of one, or
+    instance); False when it has none."""
+    return bool(getattr(getattr(factory, "func", factory), name, False))
+
+
 def runs_to_completion(factory: Any) -> bool:
     """Whether an optimizer (class, ``functools.partial`` of one, or instance) runs the
     whole minimisation in one ``step`` (L-BFGS-B): the one place that tells them apart."""
-    factory = getattr(factory, "func", factory)
-    return bool(getattr(factory, "runs_to_completion", False))
+    return optimizer_flag(factory, "runs_to_completion")
 
 
 def check_one_problem(factory: Any, batch_size: int) -> None:

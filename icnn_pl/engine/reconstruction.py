@@ -85,6 +85,7 @@ class Reconstruction(pl.LightningModule):
         self.objective = objective
         self._encoder = (encoder,)
         self._optimizer_factory = optimizer
+        self._completes = runs_to_completion(optimizer)
         self.n_iter = int(n_iter)
         self.schedules = dict(schedules or {})
         self.steps = steps
@@ -113,7 +114,7 @@ class Reconstruction(pl.LightningModule):
     @property
     def runs_to_completion(self) -> bool:
         """Whether one optimizer step runs the whole minimisation (L-BFGS-B)."""
-        return runs_to_completion(self._optimizer_factory)
+        return self._completes
 
     @property
     def trainer_steps(self) -> int:
