@@ -39,6 +39,17 @@ def check_one_problem(factory: Any, batch_size: int) -> None:
             " per problem: set data.batch_size=1")
 
 
+def check_transforms(factory: Any, transforms: Any) -> None:
+    """Random transforms need a gradient method: under a run-to-completion optimizer each
+    evaluation would see a different objective."""
+    if transforms is not None and runs_to_completion(factory):
+        raise ConfigError(
+            "random transforms (method.transforms) with a run-to-completion optimizer"
+            " (L-BFGS): a different objective at every evaluation breaks its line search",
+            "use method.transforms with a gradient method (method=icnn_fourier or icnn_gd),"
+            " or set method.transforms=null")
+
+
 class ScipyLBFGSB(torch.optim.Optimizer):
     """scipy's L-BFGS-B with box bounds, driven by torch gradients.
 

@@ -23,11 +23,10 @@ import torch
 
 from icnn_pl.engine import interrupt
 from icnn_pl.engine.icnn_steps import GDSteps
-from icnn_pl.engine.lbfgsb import check_one_problem, runs_to_completion
+from icnn_pl.engine.lbfgsb import check_one_problem, check_transforms, runs_to_completion
 from icnn_pl.engine.objective import Objective
 from icnn_pl.engine.params import GeneratorCode, Parameterization
 from icnn_pl.engine.schedules import Linear, apply_schedules
-from icnn_pl.errors import ConfigError
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
 
@@ -97,10 +96,7 @@ class Reconstruction(pl.LightningModule):
             str(i) for i in range(param.value.shape[0])]
         self._rng = torch.Generator().manual_seed(seed)
         self.transforms = transforms
-        if transforms is not None and self.runs_to_completion:
-            raise ConfigError("random transforms with L-BFGS: a different objective at every"
-                              " evaluation breaks its line search",
-                              "use transforms with a gradient method (icnn_fourier)")
+        check_transforms(optimizer, transforms)
         self._history: list[torch.Tensor] = []
         self._last_image: torch.Tensor | None = None
         self._last_code: torch.Tensor | None = None

@@ -21,7 +21,7 @@ from icnn_pl.data.demo import demo_subject
 from icnn_pl.data.std_correction import check_std_correction
 from icnn_pl.engine.evaluate_only import evaluates_only
 from icnn_pl.engine.fit import check_trainer_options
-from icnn_pl.engine.lbfgsb import check_one_problem, runs_to_completion
+from icnn_pl.engine.lbfgsb import check_one_problem, check_transforms
 from icnn_pl.engine.objective import check_layer_weighting, check_loss_type
 from icnn_pl.engine.params import SQUASHES, check_init, colour_matrix_bgr
 from icnn_pl.engine.reconstruction import OptimizerFactory
@@ -113,11 +113,12 @@ def _check_prior(cfg: DictConfig) -> None:
                               f"use one of {SQUASHES}")
     t = plain(m.get("transforms"))
     if t:
-        if m.param == "code" or runs_to_completion(optimizer_factory(cfg)):
+        if m.param == "code":
             raise ConfigError(f"method.transforms with {m.name}: random transforms need an"
                               " image and a gradient method",
                               "use them with method=icnn_fourier (or icnn_gd), or set"
                               " method.transforms=null")
+        check_transforms(optimizer_factory(cfg), t)
         make_transforms(t, "method.transforms")
 
 
