@@ -130,9 +130,9 @@ class FourierImage(Parameterization):
         if squash not in SQUASHES:
             raise ConfigError(f"squash={squash!r} is not known", f"use one of {SQUASHES}")
         self.squash = squash
-        self.decay = float(decay)
         freq = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None] ** 2)
-        self.register_buffer("scale", FOURIER_GAIN / freq.clamp_min(1.0 / max(h, w)) ** decay)
+        self.register_buffer("scale",
+                             FOURIER_GAIN / freq.clamp_min(1.0 / max(h, w)) ** float(decay))
         self.register_buffer("colour", colour_matrix_bgr(colour))
         self.register_buffer("mean", torch.tensor(mean_bgr, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -210,11 +210,10 @@ INITS = {"pixel": PIXEL_INITS, "code": CODE_INITS, "fourier": FOURIER_INITS}
 TARGET_INIT = "target:"
 
 
-def check_init(spec: InitSpec, of_code: bool | str, key: str = "init") -> None:
+def check_init(spec: InitSpec, kind: str, key: str = "init") -> None:
     """A named initial value must be one this parameter knows (arrays are checked for
-    shape when the parameter is made). ``of_code``: True/False (code/pixels) or the
-    parameter's kind ("pixel", "code", "fourier")."""
-    kind = of_code if isinstance(of_code, str) else ("code" if of_code else "pixel")
+    shape when the parameter is made). ``kind``: the parameter's kind ("pixel", "code",
+    "fourier")."""
     names = INITS[kind]
     if kind == "code" and isinstance(spec, str) and spec.startswith(TARGET_INIT) \
             and len(spec) > len(TARGET_INIT):
@@ -245,7 +244,7 @@ def initial_image(
             return to_caffe(rgb, mean_bgr)
         if spec in ("mean", "zeros"):
             return torch.zeros(batch, 3, h, w)
-        check_init(spec, of_code=False)
+        check_init(spec, "pixel")
         return torch.randn(batch, 3, h, w, generator=rng)  # "normal"
     arr = np.asarray(spec.detach().cpu() if isinstance(spec, Tensor) else spec, dtype=np.float32)
     if arr.ndim == 3:
@@ -264,7 +263,7 @@ def initial_code(spec: InitSpec, batch: int, dim: int, rng: torch.Generator) -> 
     if isinstance(spec, str):
         if spec == "zeros":
             return torch.zeros(batch, dim)
-        check_init(spec, of_code=True)
+        check_init(spec, "code")
         return torch.randn(batch, dim, generator=rng)  # "normal"
     t = torch.as_tensor(np.asarray(spec.detach().cpu() if isinstance(spec, Tensor) else spec,
                                    dtype=np.float32))
@@ -278,15 +277,16 @@ def initial_code(spec: InitSpec, batch: int, dim: int, rng: torch.Generator) -> 
     return t.clone()
 
 
-def initial_spectrum(spec: InitSpec, param: FourierImage, rng: torch.Generator) -> Tensor:
+def initial_spectrum(spec: InitSpec, param: FourierImage, mean_bgr: Sequence[float],
+                     rng: torch.Generator) -> Tensor:
     """One image's initial spectrum (1, 3, H, W//2+1, 2) for ``param``: ``normal`` (lucid:
     N(0, 0.01^2), an almost grey image), ``zeros`` (grey), or a pixel init (``uniform``,
-    ``mean``, an RGB array) carried into the spectrum by the inverse."""
+    ``mean``, an RGB array, ``mean_bgr`` the mean pixel ``param`` was made with) carried
+    into the spectrum by the inverse."""
     shape = (1, *param.value.shape[1:])
     if isinstance(spec, str) and spec in ("normal", "zeros"):
         return (torch.randn(shape, generator=rng) * FOURIER_INIT_STD if spec == "normal"
                 else torch.zeros(shape))
     if isinstance(spec, str):
         check_init(spec, "fourier")
-    mean_bgr = param.mean.flatten().tolist()
     return param.to_spectrum(initial_image(spec, 1, param.size, mean_bgr, rng))

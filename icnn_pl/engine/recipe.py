@@ -101,7 +101,7 @@ def _fourier_parameter(encoder: FeatureEncoder, options: Mapping[str, Any], init
     h, w = encoder.input_size
     param = FourierImage(torch.zeros(len(rngs), 3, h, w // 2 + 1, 2), (h, w),
                          encoder.mean_bgr, **options)
-    param.value.data.copy_(torch.cat([initial_spectrum(_one(init, i), param, rng)
+    param.value.data.copy_(torch.cat([initial_spectrum(_one(init, i), param, encoder.mean_bgr, rng)
                                       for i, rng in enumerate(rngs)]))
     return param
 

@@ -235,7 +235,7 @@ def _check_values(cfg: DictConfig) -> None:
     """Values that would otherwise fail only when the first image starts (or in Lightning)."""
     m, net = cfg.method, cfg.network
     check_layer_weighting(plain(cfg.layer_weights.mode), "layer_weights.mode")
-    check_init(m.get("init"), of_code=m.param, key="method.init")
+    check_init(m.get("init"), m.param, key="method.init")
     check_loss_type(plain(m.get("loss_type", "l2")), "method.loss_type")
     size, mean = plain(net.input_size), plain(net.mean_bgr)
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
