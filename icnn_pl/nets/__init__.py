@@ -83,7 +83,7 @@ def build_encoder(
         net = arch
         if weights is not None:
             load_weights(net, weights, type(net).__name__, layer_mapping)
-        return FeatureEncoder(freeze(net), layer_mapping, mean_bgr, input_size, input_space)
+        return FeatureEncoder(net, layer_mapping, mean_bgr, input_size, input_space)
     net = build_network(arch, weights, seed)
     mapping = {**ARCHITECTURES[arch].layers, **(layer_mapping or {})}
     return FeatureEncoder(net, mapping, mean_bgr, input_size, input_space)
