@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from icnn_pl.atomic import _alive, default_file_mode
+from icnn_pl.atomic import _alive
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class Claims:
         for _ in range(5):  # a takeover lets another process in between: try again
             token = secrets.token_hex(8)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_file_mode())
+                # 0o666 as open(path, "w") passes: the kernel takes the umask off itself
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 owner = _read_owner(path)
                 if not self._stale(path, owner):
