@@ -118,13 +118,16 @@ class ManyRun:
     deadline: float  # time.monotonic()
 
 
-def start_many(cases: Sequence[Sequence[str]], timeout: float = 400) -> ManyRun:
-    """Start ``run_many``'s interpreter for ``cases`` and return at once."""
+def start_many(cases: Sequence[Sequence[str]], timeout: float = 400,
+               env: Mapping[str, str] | None = None) -> ManyRun:
+    """Start ``run_many``'s interpreter for ``cases`` and return at once (``env``: added
+    variables)."""
     # closed by many_results
     stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
     stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([list(c) for c in cases])],
-                            cwd=REPO, stdout=stdout, stderr=stderr, text=True, env=child_env())
+                            cwd=REPO, stdout=stdout, stderr=stderr, text=True,
+                            env={**child_env(), **(env or {})})
     return ManyRun(proc, stdout, stderr, time.monotonic() + timeout)
 
 
