@@ -203,6 +203,7 @@ def test_missing_layer_mapping_is_asked_for():
         factory.check_config(cfg)
 
 
+@pytest.mark.slow
 def test_train_recon_with_custom_network_and_caffemodel_generator(tmp_path):
     """train_recon.py: a residual network from the config with the relu7 generator read
     from a .caffemodel (DGN method), and the clear one-line error of a bad module."""
