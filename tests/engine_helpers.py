@@ -146,6 +146,11 @@ def tiny_targets(seed: int = 1, net_seed: int = 0, scale: float = 1.0,
     return {n: feats[n][0].numpy().astype(np.float32) for n in layers}
 
 
+def batched_tiny_targets(device: str | torch.device = "cpu", **kwargs) -> dict[str, torch.Tensor]:
+    """``tiny_targets(**kwargs)`` as tensors with a batch axis of 1, on ``device``."""
+    return {n: torch.from_numpy(t)[None].to(device) for n, t in tiny_targets(**kwargs).items()}
+
+
 def generator_targets(gen: nn.Module, code: np.ndarray, net_seed: int = 0,
                       layers: Sequence[str] = LAYERS) -> dict[str, np.ndarray]:
     """Features of the centre crop of ``gen(code)`` through ``tiny_net``."""

@@ -118,13 +118,16 @@ class ManyRun:
     deadline: float  # time.monotonic()
 
 
-def start_many(cases: Sequence[Sequence[str]], timeout: float = 400) -> ManyRun:
-    """Start ``run_many``'s interpreter for ``cases`` and return at once."""
+def start_many(cases: Sequence[Sequence[str]], timeout: float = 400,
+               env: Mapping[str, str] | None = None) -> ManyRun:
+    """Start ``run_many``'s interpreter for ``cases`` and return at once (``env``: added
+    variables)."""
     # closed by many_results
     stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
     stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([list(c) for c in cases])],
-                            cwd=REPO, stdout=stdout, stderr=stderr, text=True, env=child_env())
+                            cwd=REPO, stdout=stdout, stderr=stderr, text=True,
+                            env={**child_env(), **(env or {})})
     return ManyRun(proc, stdout, stderr, time.monotonic() + timeout)
 
 
@@ -303,3 +306,33 @@ class MemorySource:
         if label in self.broken:
             raise DataError(f"features of {label} are corrupt", "re-export them")
         return {n: f.copy() for n, f in self.features[label].items()}
+
+
+def tiny_job(encoder, run_dir: Path, *, labels: Sequence[str] = (),
+             layers: Sequence[str] = ("c1", "c2", "fc"), source: MemorySource | None = None,
+             broken: Sequence[str] = (), optimizer=None, n_iter: int = 2,
+             method: str = "tiny_gd", data_kw: Mapping[str, Any] | None = None, **job_kw):
+    """A ``run_job`` ``Job`` on the tiny setup: ``source`` (default: a ``MemorySource`` of
+    ``labels`` on ``layers``, ``broken`` ones unreadable) as sub-01/VC under ``run_dir``,
+    ``optimizer`` (default SGD, lr 2, momentum 0.9) for ``n_iter`` iterations from a uniform
+    init, on the CPU, no progress bar. ``data_kw``: ``ReconDataModule``'s keywords
+    (``num_shards``, ``shard``, ``stimuli``, ``labels``, ``batch_size``...); ``job_kw``:
+    ``Job``'s."""
+    import functools
+
+    from icnn_pl.data.datamodule import ReconDataModule
+    from icnn_pl.engine.recipe import Recipe
+    from icnn_pl.engine.targets import expected_shapes
+    from icnn_pl.pipeline.job import Job
+    from icnn_pl.pipeline.outputs import ReconOutputs
+
+    if source is None:
+        source = MemorySource(encoder, labels, layers, broken=broken)
+    dm = ReconDataModule(source, expected_shapes(encoder, layers), **(data_kw or {}))
+    if optimizer is None:
+        optimizer = functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9)
+    recipe = Recipe(optimizer, n_iter=n_iter, init="uniform")
+    return Job(datamodule=dm, encoder=encoder, recipe=recipe,
+               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method=method,
+               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
+               progress=False, **job_kw)

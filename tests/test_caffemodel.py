@@ -56,6 +56,7 @@ def test_formats_give_the_same_features(tmp_path, v1, packed, legacy_shape, doub
     assert legacy_fc.shape == ((1, 1, 16, 32) if legacy_shape else (16, 32))
 
 
+@pytest.mark.slow
 def test_vgg19_caffemodel_through_build_encoder(tmp_path):
     """The full VGG19 (V1, as the lab's file): every layer equals the state-dict network."""
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ Two real launches of one job at once are in ``test_concurrent_launch.py``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -15,15 +14,11 @@ import threading
 import time
 
 import pytest
-import torch
-from pipeline_helpers import MemorySource, read_results, tiny_encoder
+from pipeline_helpers import read_results, tiny_encoder, tiny_job
 
-from icnn_pl.data.datamodule import ReconDataModule
-from icnn_pl.engine.recipe import Recipe
-from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.pipeline.claims import HOST, Claims
-from icnn_pl.pipeline.job import Job, run_job
-from icnn_pl.pipeline.outputs import FAILURES, ReconOutputs
+from icnn_pl.pipeline.job import run_job
+from icnn_pl.pipeline.outputs import FAILURES
 
 
 def _write_claim(path, host, pid, token="t0", age_s=0.0):
@@ -140,14 +135,8 @@ def encoder():
 
 
 def shard_job(encoder, run_dir, shard, broken=()):
-    source = MemorySource(encoder, LABELS, LAYERS, broken=broken)
-    dm = ReconDataModule(source, expected_shapes(encoder, LAYERS), num_shards=2, shard=shard)
-    recipe = Recipe(functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9), n_iter=2,
-                    init="uniform")
-    return Job(datamodule=dm, encoder=encoder, recipe=recipe,
-               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny_gd",
-               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
-               progress=False, feature_fit=False)
+    return tiny_job(encoder, run_dir, labels=LABELS, layers=LAYERS, broken=broken,
+                    data_kw={"num_shards": 2, "shard": shard}, feature_fit=False)
 
 
 def test_shards_finishing_together_leave_complete_tables(encoder, tmp_path):

@@ -7,11 +7,17 @@ hold every image, the second launch's logger writes in its own folder, no claim 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
-from pipeline_helpers import ENTRY, REPO, child_env, read_results, write_demo
+from pipeline_helpers import (
+    TINY,
+    many_results,
+    output_of,
+    read_results,
+    start_many,
+    with_defaults,
+    write_demo,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -21,17 +27,17 @@ LABELS = ("astronaut", "chelsea", "coffee")
 def test_two_launches_of_one_job_share_the_images(tmp_path):
     demo = write_demo(tmp_path / "demo", LABELS, (1,))
     run_dir = tmp_path / "run"
-    args = ["network.input_size=[64,64]", "method.n_iter=3", "data.limit=3", "progress=false",
-            f"data.root={demo}", "logger=csv", f"hydra.run.dir={run_dir}"]
-    env = child_env() | {"OMP_NUM_THREADS": "1"}
-    logs = [tmp_path / f"launch{i}.log" for i in range(2)]
-    procs = []
-    for log in logs:
-        with open(log, "w") as fh:
-            procs.append(subprocess.Popen([sys.executable, ENTRY, *args], cwd=REPO, stdout=fh,
-                                          stderr=subprocess.STDOUT, env=env))
-    codes = [p.wait(timeout=240) for p in procs]
-    texts = [log.read_text() for log in logs]
+    args = with_defaults(TINY, ["method.n_iter=3", "data.limit=3", f"data.root={demo}",
+                                "logger=csv", f"hydra.run.dir={run_dir}"])
+    started = [start_many([args], timeout=240, env={"OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    try:
+        results = [many_results(run)[0] for run in started]
+    finally:  # one failed: do not leave the other running
+        for run in started:
+            if run.proc.poll() is None:
+                run.proc.kill()
+    codes = [r["code"] for r in results]
+    texts = [output_of(r) for r in results]
     assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
     computed = [re.findall(r" - (\w+): final loss", t) for t in texts]
     every = sorted(computed[0] + computed[1])

@@ -11,7 +11,7 @@ import torch
 from caffe_writer import net, vgg_layers, write, write_generator
 from custom_nets import BDPY_VGG19_MAP, FailingNet, MiniVGG
 from hydra import compose, initialize_config_dir
-from pipeline_helpers import CONF, output_of, run_many
+from pipeline_helpers import CONF, output_of, run_many, with_defaults
 
 from icnn_pl import icnn_gd
 from icnn_pl.data.demo import load_stimulus
@@ -190,8 +190,7 @@ CUSTOM = ["network=custom", "layers=mapped",
 def test_config_checks_for_custom_networks(overrides, match):
     factory.register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = [o for o in CUSTOM if o.split("=")[0] not in {x.split("=")[0] for x in overrides}]
-        cfg = compose("config", overrides=[*base, *overrides])
+        cfg = compose("config", overrides=with_defaults(CUSTOM, overrides))
     with pytest.raises(ConfigError, match=match):
         factory.check_config(cfg)
 
@@ -204,6 +203,7 @@ def test_missing_layer_mapping_is_asked_for():
         factory.check_config(cfg)
 
 
+@pytest.mark.slow
 def test_train_recon_with_custom_network_and_caffemodel_generator(tmp_path):
     """train_recon.py: a residual network from the config with the relu7 generator read
     from a .caffemodel (DGN method), and the clear one-line error of a bad module."""

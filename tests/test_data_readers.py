@@ -9,6 +9,7 @@ import hdf5storage
 import numpy as np
 import pytest
 import scipy.io
+from mat_writers import write_v5, write_v73
 
 from icnn_pl.data.matio import load_mat, load_mat_dict, mat_shape, save_mat
 from icnn_pl.data.readers import (
@@ -37,18 +38,6 @@ def fc_feat(seed: int = 0) -> np.ndarray:
 
 def feat_for(layer: str, seed: int) -> np.ndarray:
     return conv_feat(seed) if layer.startswith("conv") else fc_feat(seed)
-
-
-def write_v5(path: Path, **variables: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(str(path), variables)
-    return path
-
-
-def write_v73(path: Path, **variables: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hdf5storage.savemat(str(path), variables, format="7.3")
-    return path
 
 
 WRITERS = {"v5": write_v5, "v7.3": write_v73}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from engine_helpers import TinyGenerator, tiny_encoder, tiny_targets
+from engine_helpers import TinyGenerator, batched_tiny_targets, tiny_encoder
 
 from icnn_pl.engine.fit import fit, make_trainer
 from icnn_pl.engine.icnn_steps import GDSteps
@@ -27,17 +27,13 @@ GD = {"optimizer": partial(torch.optim.SGD, lr=2.0, momentum=0.9), "n_iter": 4,
 LBFGS = {"optimizer": partial(ScipyLBFGSB, maxiter=4), "n_iter": 4, "pixel_bounds": True}
 
 
-def _targets():
-    return {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
-
-
 def test_module_graph_and_hooks_are_freed_after_each_image():
     """A job reconstructs image after image with one encoder: nothing may pile up on it."""
     encoder, generator = tiny_encoder(), TinyGenerator()
     refs = []
     for gen in (None, generator, None):
         recipe = {**GD, "init": "normal", "generator": gen, "steps": None} if gen else GD
-        module = build_reconstruction(_targets(), encoder, **recipe)
+        module = build_reconstruction(batched_tiny_targets(), encoder, **recipe)
         fit(module, accelerator="cpu", devices=1)
         refs += [weakref.ref(module), weakref.ref(module.param.value)]
         del module
@@ -45,7 +41,7 @@ def test_module_graph_and_hooks_are_freed_after_each_image():
     assert all(r() is None for r in refs), "a module or its parameter outlived its image"
     # one hook per tapped module, registered once and kept for the encoder's life (not
     # one per pass or per image); none on the generator; remove_hooks() takes them off
-    tapped = {encoder.module_path(n) for n in _targets()}
+    tapped = {encoder.module_path(n) for n in batched_tiny_targets()}
     hooked = {name for name, m in encoder.net.named_modules() if m._forward_hooks}
     assert hooked == tapped
     assert all(len(encoder.net.get_submodule(p)._forward_hooks) == 1 for p in tapped)
@@ -58,7 +54,7 @@ def test_module_graph_and_hooks_are_freed_after_each_image():
 
 def test_targets_are_buffers_that_follow_the_module():
     """Targets and weights move with the module (to the GPU once, before the loop)."""
-    module = build_reconstruction(_targets(), tiny_encoder(), **GD)
+    module = build_reconstruction(batched_tiny_targets(), tiny_encoder(), **GD)
     buffers = dict(module.named_buffers())
     assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
     module.to(torch.float64)  # a stand-in for .to(device): every buffer goes along
@@ -72,7 +68,7 @@ def test_bf16_mixed_runs_and_stays_close_to_float32(recipe):
     bf16's resolution."""
     results = {}
     for precision in (None, "bf16-mixed"):
-        module = build_reconstruction(_targets(), tiny_encoder(), seed=3, **recipe)
+        module = build_reconstruction(batched_tiny_targets(), tiny_encoder(), seed=3, **recipe)
         results[precision] = fit(module, accelerator="cpu", devices=1, precision=precision)
         assert module.param.value.dtype == torch.float32
     full, half = results[None], results["bf16-mixed"]
@@ -117,7 +113,7 @@ def test_numerics_hold_while_fitting_and_are_restored(options, inside):
     allow_tf32 = torch.backends.cudnn.allow_tf32  # reading it raises after a mix of APIs
     try:
         probe = _Probe()
-        module = build_reconstruction(_targets(), tiny_encoder(), **GD)
+        module = build_reconstruction(batched_tiny_targets(), tiny_encoder(), **GD)
         fit(module, accelerator="cpu", devices=1, callbacks=[probe], **options)
         assert probe.seen == {**before, **inside}
         assert _numerics() == before

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import caffe_writer
-import h5py
 import numpy as np
 import pytest
 import scipy.io
 import torch
+from engine_helpers import tiny_net
+from mat_writers import write_v5, write_v73
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,21 +35,6 @@ SEED = 14
 MUTANTS_PER_FILE = 65
 PER_FILE_LIMIT_S = 5.0  # a hang fails the test; the worst seen is reported
 LAYERS = ("conv1", "fc")
-
-
-def _tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5))
-
-
-def _write_v73(path: Path, variables: dict[str, np.ndarray]) -> None:
-    """A MATLAB v7.3 file: HDF5 with the 512-byte MATLAB user block, arrays column-major."""
-    with h5py.File(path, "w", userblock_size=512) as fh:
-        for name, arr in variables.items():
-            ds = fh.create_dataset(name, data=np.asarray(arr).T)
-            ds.attrs["MATLAB_class"] = np.bytes_("single" if arr.dtype == np.float32
-                                                 else "double")
-    with open(path, "r+b") as fh:
-        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: fuzz test".ljust(128))
 
 
 def _feat(rng: np.random.Generator) -> np.ndarray:
@@ -69,7 +55,7 @@ def _read_features(path: Path) -> object:
 
 
 def _read_weights(path: Path) -> object:
-    return load_weights(_tiny_net(), path, "tiny")
+    return load_weights(tiny_net(), path, "tiny")
 
 
 READERS: dict[str, Callable[[Path], object]] = {
@@ -97,21 +83,21 @@ def _write_caffemodel(path: Path, state: dict[str, torch.Tensor], v1: bool) -> N
 
 
 def _valid_files(folder: Path, rng: np.random.Generator) -> dict[str, Path]:
-    state = {k: v.contiguous() for k, v in _tiny_net().state_dict().items()}
+    state = {k: v.contiguous() for k, v in tiny_net().state_dict().items()}
     stds = {n: np.float64(1.0 + i) for i, n in enumerate(LAYERS)}
     files = {}
     for kind in READERS:
         path = files[kind] = folder / f"valid-{kind}"
         if kind == "v5.mat":
-            scipy.io.savemat(path, {"feat": _feat(rng)})
+            write_v5(path, feat=_feat(rng))
         elif kind == "v5z.mat":
             scipy.io.savemat(path, {"feat": _feat(rng)}, do_compression=True)
         elif kind == "v73.mat":
-            _write_v73(path, {"feat": _feat(rng)})
+            write_v73(path, feat=_feat(rng))
         elif kind == "std.mat":
-            scipy.io.savemat(path, stds)
+            write_v5(path, **stds)
         elif kind == "std73.mat":
-            _write_v73(path, {n: np.array([[v]]) for n, v in stds.items()})
+            write_v73(path, **{n: np.array([[v]]) for n, v in stds.items()})
         elif kind == "act_range.txt":
             path.write_text("\n".join(f"{v:.4f}" for v in rng.uniform(0, 30, 16)))
         elif kind == "weights.pt":
@@ -165,20 +151,20 @@ def _wrong_content(folder: Path) -> list[tuple[str, Path]]:
         "struct": {"a": np.ones(3)}, "huge_dims": np.ones((1, 1, 1, 1, 1, 1, 2)),
     }
     for name, value in feats.items():
-        add("v5.mat", name, lambda p, v=value: scipy.io.savemat(p, {"feat": v}))
+        add("v5.mat", name, lambda p, v=value: write_v5(p, feat=v))
         if isinstance(value, np.ndarray) and value.dtype.kind in "fiub" and value.ndim:
-            add("v73.mat", name, lambda p, v=value: _write_v73(p, {"feat": v}))
-    add("v5.mat", "other_name", lambda p: scipy.io.savemat(p, {"x": np.ones(3)}))
+            add("v73.mat", name, lambda p, v=value: write_v73(p, feat=v))
+    add("v5.mat", "other_name", lambda p: write_v5(p, x=np.ones(3)))
     for name, stds in {"negative": {"conv1": -1.0, "fc": 1.0}, "missing": {"conv1": 1.0},
                        "vector": {"conv1": np.ones(3), "fc": 1.0},
                        "text": {"conv1": "abc", "fc": 1.0},
                        "nan": {"conv1": np.nan, "fc": 1.0}}.items():
-        add("std.mat", name, lambda p, s=stds: scipy.io.savemat(p, s))
+        add("std.mat", name, lambda p, s=stds: write_v5(p, **s))
     for name, text in {"word": "1 2 x", "short": "1 2 3", "neg": " ".join(["-1"] * 16),
                        "inf": " ".join(["inf"] * 16), "empty": "", "binary": "\x00\xff" * 8,
                        "commas": ",".join(["1"] * 16)}.items():
         add("act_range.txt", name, lambda p, t=text: p.write_bytes(t.encode("latin-1")))
-    good = {k: v.contiguous() for k, v in _tiny_net().state_dict().items()}
+    good = {k: v.contiguous() for k, v in tiny_net().state_dict().items()}
     weights = {
         "wrong_shape": {**good, "0.weight": torch.ones(2, 2)},
         "int_dtype": {k: v.to(torch.int32) for k, v in good.items()},

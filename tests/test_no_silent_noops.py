@@ -11,17 +11,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import MemorySource, tiny_encoder
+from pipeline_helpers import tiny_encoder, tiny_job
 from torch import nn
 
 from icnn_pl import icnn_dgn_lbfgs, icnn_lbfgs
-from icnn_pl.data.datamodule import ReconDataModule
 from icnn_pl.data.demo import Demo
 from icnn_pl.engine.lbfgsb import ScipyLBFGSB
-from icnn_pl.engine.recipe import Recipe
-from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.nets import build_encoder, build_generator, fingerprint
-from icnn_pl.pipeline.job import Job, run_job
+from icnn_pl.pipeline.job import run_job
 from icnn_pl.pipeline.outputs import ReconOutputs
 
 SIZE = 32  # VGG19 at 32x32: conv5 is 2x2, fc layers as usual
@@ -74,14 +71,8 @@ def test_fingerprint_follows_the_parameters(tmp_path):
 
 
 def _job(encoder, run_dir, optimizer, n_iter):
-    labels = ("img_a", "img_b")
-    source = MemorySource(encoder, labels, ("c1", "c2"))
-    dm = ReconDataModule(source, expected_shapes(encoder, ["c1", "c2"]))
-    return Job(datamodule=dm, encoder=encoder, recipe=Recipe(optimizer, n_iter=n_iter,
-                                                             init="uniform"),
-               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny",
-               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
-               progress=False, feature_fit=False)
+    return tiny_job(encoder, run_dir, labels=("img_a", "img_b"), layers=("c1", "c2"),
+                    optimizer=optimizer, n_iter=n_iter, method="tiny", feature_fit=False)
 
 
 def test_stop_reason_in_results_and_mat(tmp_path):

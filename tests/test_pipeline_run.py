@@ -271,6 +271,18 @@ def check_metrics(run_dir: Path) -> None:
     assert len(means) == 2 and all(r["pixel_corr_ci95_low"] != "" for r in means)
 
 
+def check_outputs(run_dir: Path, subject: str, labels, method: str, *,
+                  true_images: bool = True) -> None:
+    """A finished job's outputs: the image files, the results tables, the figures, the
+    feature fit, and (runs with true images) the metrics."""
+    mats = check_image_files(run_dir, subject, labels, method)
+    check_results_tables(run_dir, subject, labels, method, mats, true_images=true_images)
+    check_figures(run_dir)
+    check_feature_fit(run_dir, labels)
+    if true_images:
+        check_metrics(run_dir)
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -294,11 +306,7 @@ def test_four_methods(methods_sweep):
     assert set(dirs) == {(m, "sub-01") for m in METHODS}, sorted(dirs)
     for method in METHODS:
         run_dir = dirs[(method, "sub-01")]
-        mats = check_image_files(run_dir, "sub-01", DEMO_LABELS, method)
-        check_results_tables(run_dir, "sub-01", DEMO_LABELS, method, mats)
-        check_figures(run_dir)
-        check_feature_fit(run_dir, DEMO_LABELS)
-        check_metrics(run_dir)
+        check_outputs(run_dir, "sub-01", DEMO_LABELS, method)
         assert (run_dir / "csv" / "metrics.csv").is_file()  # logger=csv
 
 
@@ -331,11 +339,7 @@ def test_multirun(multirun_sweep):
     for (method, subject), d in dirs.items():
         assert d.parent == sweep
         assert f"method={method}" in d.name and f"subject={subject[-1]}" in d.name
-        mats = check_image_files(d, subject, DEMO_LABELS[:1], method)
-        check_results_tables(d, subject, DEMO_LABELS[:1], method, mats)
-        check_figures(d)
-        check_feature_fit(d, DEMO_LABELS[:1])
-        check_metrics(d)
+        check_outputs(d, subject, DEMO_LABELS[:1], method)
         assert not (d / "sub-01" if subject == "sub-02" else d / "sub-02").exists()
 
 
@@ -343,11 +347,7 @@ def test_multirun(multirun_sweep):
 def test_default_run_outputs(wandb_resume):
     first, run_dir, *_ = wandb_resume
     assert_ok(first)
-    mats = check_image_files(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd")
-    check_results_tables(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd", mats)
-    check_figures(run_dir)
-    check_feature_fit(run_dir, DEMO_LABELS)
-    check_metrics(run_dir)
+    check_outputs(run_dir, "sub-01", DEMO_LABELS, "icnn_dgn_gd")
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
@@ -400,12 +400,7 @@ def test_resume_recomputes_only_the_missing_image(wandb_resume):
 def test_data_kind(data_runs, case, subject, labels, true_images):
     res, run_dir = data_runs[case]
     assert_ok(res)
-    mats = check_image_files(run_dir, subject, labels, "icnn_gd")
-    check_results_tables(run_dir, subject, labels, "icnn_gd", mats, true_images=true_images)
-    check_figures(run_dir)
-    check_feature_fit(run_dir, labels)
-    if true_images:
-        check_metrics(run_dir)
+    check_outputs(run_dir, subject, labels, "icnn_gd", true_images=true_images)
 
 
 # -- bad configs -------------------------------------------------------------------------------

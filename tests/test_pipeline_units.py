@@ -3,7 +3,6 @@ seeds, and ``run_job`` end to end on a tiny network with an in-memory feature so
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import math
@@ -15,18 +14,17 @@ import pytest
 import scipy.io
 import torch
 from PIL import Image
-from pipeline_helpers import TINY_SIZE, MemorySource, tiny_encoder
+from pipeline_helpers import TINY_SIZE, MemorySource, tiny_encoder, tiny_job
 
-from icnn_pl.data.datamodule import ReconDataModule, select_labels
+from icnn_pl.data.datamodule import select_labels
 from icnn_pl.data.images import ImageFolder
 from icnn_pl.engine import recipe as build_mod
 from icnn_pl.engine.fit import fit
-from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.reconstruction import Reconstruction
 from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.pipeline import job as pipeline_mod
-from icnn_pl.pipeline.job import Job, run_job
+from icnn_pl.pipeline.job import run_job
 from icnn_pl.pipeline.outputs import ReconOutputs, read_table, write_table
 
 LABELS = ["img_a", "img_b", "img_c"]
@@ -271,14 +269,9 @@ def encoder():
 def make_job(encoder, run_dir, *, labels=LABELS, broken=(), stimuli=None, resume=True,
              fail_fast=False, order=None, n_iter=3, batch_size=1):
     source = MemorySource(encoder, labels, LAYERS, broken=broken)
-    shapes = expected_shapes(encoder, LAYERS)
-    dm = ReconDataModule(source, shapes, stimuli=stimuli, labels=order, batch_size=batch_size)
-    recipe = Recipe(functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
-                 n_iter=n_iter, init="uniform")
-    job = Job(datamodule=dm, encoder=encoder, recipe=recipe,
-              outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny_gd",
-              subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
-              logger=None, resume=resume, fail_fast=fail_fast, seed=0, progress=False)
+    job = tiny_job(encoder, run_dir, layers=LAYERS, source=source, n_iter=n_iter,
+                   data_kw={"stimuli": stimuli, "labels": order, "batch_size": batch_size},
+                   logger=None, resume=resume, fail_fast=fail_fast, seed=0)
     return job, source
 
 

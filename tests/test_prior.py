@@ -16,6 +16,7 @@ from engine_helpers import (
     PAD,
     SIZE,
     TinyGenerator,
+    batched_tiny_targets,
     rgb_image,
     tiny_encoder,
     tiny_targets,
@@ -84,7 +85,7 @@ def test_colour_matrix_is_lucids_in_bgr_order():
 
 def test_gradients_reach_the_spectrum_only():
     enc = tiny_encoder()
-    targets = {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
+    targets = batched_tiny_targets()
     module = build_reconstruction(targets, enc, partial(torch.optim.Adam, lr=0.05), 3,
                                   fourier=FOURIER, init="normal")
     assert [p for p in module.parameters() if p.requires_grad] == [module.param.value]
@@ -147,7 +148,7 @@ def test_transforms_move_the_image_and_keep_the_gradient():
 
 
 def test_transforms_in_a_reconstruction_and_not_with_lbfgs():
-    targets = {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
+    targets = batched_tiny_targets()
     tf = RandomTransforms(jitter=2, scale=(0.95, 1.05), rotate=5)
     res = fit(build_reconstruction(targets, tiny_encoder(), partial(torch.optim.Adam, lr=0.1),
                                    5, fourier=FOURIER, transforms=tf), accelerator="cpu",
@@ -164,7 +165,7 @@ def test_transforms_in_a_reconstruction_and_not_with_lbfgs():
 def test_direct_code_is_the_clipped_target_and_one_evaluation():
     gen = TinyGenerator(dim=10)
     enc = tiny_encoder()
-    targets = {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}  # fc: (10,)
+    targets = batched_tiny_targets()  # fc: (10,)
     module = build_reconstruction(targets, enc, EvaluateOnly, 0, generator=gen,
                                   init="target:fc", code_bounds=(0.0, 0.5))
     res = fit(module, accelerator="cpu", devices=1)
@@ -269,7 +270,7 @@ def test_prior_method_job(prior_jobs, method):
 def test_pixel_steps_are_refused_on_a_spectrum():
     from icnn_pl.engine.icnn_steps import GDSteps
 
-    targets = {n: torch.from_numpy(t)[None] for n, t in tiny_targets().items()}
+    targets = batched_tiny_targets()
     with pytest.raises(ConfigError, match="spectrum"):
         build_reconstruction(targets, tiny_encoder(), partial(torch.optim.Adam, lr=0.1), 3,
                              fourier=FOURIER, steps=GDSteps(blur_sigma=Linear(1.0, 0.5)))

@@ -13,7 +13,6 @@ job, and a 2-trial Optuna sweep; each a module-scoped fixture.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import re
@@ -22,7 +21,6 @@ from pathlib import Path
 import hydra.utils
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
@@ -35,16 +33,14 @@ from pipeline_helpers import (
     output_of,
     run_cli,
     tiny_encoder,
+    tiny_job,
     write_demo,
 )
 
-from icnn_pl.data.datamodule import ReconDataModule, select_labels
-from icnn_pl.engine.recipe import Recipe
-from icnn_pl.engine.targets import expected_shapes
+from icnn_pl.data.datamodule import select_labels
 from icnn_pl.pipeline.factory import register_resolvers
 from icnn_pl.pipeline.failures import JobFailed
-from icnn_pl.pipeline.job import Job, run_job
-from icnn_pl.pipeline.outputs import ReconOutputs
+from icnn_pl.pipeline.job import run_job
 from icnn_pl.pipeline.run_dirs import results_dir, shard_dir
 from icnn_pl.pipeline.sweep_summary import SweepSummary, read_records, write_sweep_summary
 
@@ -90,25 +86,16 @@ def test_shard_directories():
         HydraConfig.instance().cfg = None
 
 
-def shard_job(encoder, run_dir: Path, source, num_shards: int, shard: int) -> Job:
-    dm = ReconDataModule(source, expected_shapes(encoder, ["c1", "c2", "fc"]),
-                         num_shards=num_shards, shard=shard)
-    recipe = Recipe(functools.partial(torch.optim.SGD, lr=2.0, momentum=0.9),
-                 n_iter=2, init="uniform")
-    return Job(datamodule=dm, encoder=encoder, recipe=recipe,
-               outputs=ReconOutputs(run_dir, "sub-01", "VC"), method="tiny_gd",
-               subject="sub-01", roi="VC", trainer_args={"accelerator": "cpu", "devices": 1},
-               progress=False)
-
-
 def test_shards_share_one_results_directory(tmp_path):
     encoder = tiny_encoder()
     labels = ["a", "b", "c", "d", "e"]
     source = MemorySource(encoder, labels)
-    first = run_job(shard_job(encoder, tmp_path, source, 2, 0))
+    first = run_job(tiny_job(encoder, tmp_path, source=source,
+                             data_kw={"num_shards": 2, "shard": 0}))
     assert [r["label"] for r in first.rows] == ["a", "c", "e"]
     # the last shard's tables cover every finished image of the job, other shards' too
-    last = run_job(shard_job(encoder, tmp_path, source, 2, 1))
+    last = run_job(tiny_job(encoder, tmp_path, source=source,
+                            data_kw={"num_shards": 2, "shard": 1}))
     assert [r["label"] for r in last.rows] == labels
     assert {r["label"] for r in last.rows if math.isnan(r["seconds"])} == {"a", "c", "e"}
     assert json.loads((tmp_path / "run_info.json").read_text())["labels"] == labels
