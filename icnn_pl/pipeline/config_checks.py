@@ -27,7 +27,7 @@ from icnn_pl.engine.params import SQUASHES, check_init, colour_matrix_bgr
 from icnn_pl.engine.reconstruction import OptimizerFactory
 from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.engine.transforms import make_transforms
-from icnn_pl.errors import ConfigError
+from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import ARCHITECTURES
 from icnn_pl.nets.encoder import INPUT_SPACES
 from icnn_pl.pipeline.data_sources import (
@@ -186,8 +186,8 @@ def import_target(target: str, key: str) -> Any:
             raise ConfigError(f"{key}={target!r}: importing {name} failed: {exc}",
                               "install what the module needs") from exc
         except Exception as exc:
-            raise ConfigError(f"{key}={target!r}: importing {name} failed:"
-                              f" {type(exc).__name__}: {exc}", "fix the module") from exc
+            raise ConfigError(f"{key}={target!r}: importing {name} failed: {one_line(exc)}",
+                              "fix the module") from exc
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
