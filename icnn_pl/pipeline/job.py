@@ -65,7 +65,8 @@ class Job:
 def run_job(job: Job) -> JobSummary:
     """Run every pending image of the job, then score, summarise and log."""
     dm, out = job.datamodule, job.outputs
-    dm.setup("predict")
+    if not dm.labels:  # build_job has set it up (labels listed); a hand-built Job not yet
+        dm.setup("predict")
     images = _finished(job)  # label -> variables of every finished image
     done = list(images)
     pending = [lab for lab in dm.labels if lab not in images]
@@ -81,7 +82,7 @@ def run_job(job: Job) -> JobSummary:
     claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
     redo = {lab for lab in pending if out.is_done(lab)}  # unreadable, or resume=false
     with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
-            contextlib.closing(job.launch or Claims(out.run_dir)):
+            contextlib.closing(job.launch) if job.launch else contextlib.nullcontext():
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
             n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere, redo)

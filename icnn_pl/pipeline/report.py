@@ -65,12 +65,11 @@ def mat_text(value: Any) -> str:
 
 def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[str, Any]],
                  failures: dict[str, str], done: list[str],
-                 job_failures: Mapping[str, str] | None = None) -> JobSummary:
+                 job_failures: Mapping[str, str]) -> JobSummary:
     """Tables, scores and figures over every finished image of the job. ``images`` holds
     the variables of the images this process finished or read; those of other shards are
     read here, once. ``failures`` are this process's (its exit code); ``job_failures``
     every shard's, listed in ``run_info.json`` and the printed summary."""
-    job_failures = failures if job_failures is None else job_failures
     dm, out = job.datamodule, job.outputs
     labels = [lab for lab in dm.job_labels
               if lab in images or (lab not in failures and out.is_done(lab))]
