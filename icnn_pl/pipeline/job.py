@@ -76,6 +76,7 @@ def run_job(job: Job) -> JobSummary:
     failures = _check_feature_headers(job, pending)
     pending = [lab for lab in pending if lab not in failures]
     rows: dict[str, dict[str, Any]] = {}
+    trues: dict[str, np.ndarray | None] = {}  # true images of the batches run here, as loaded
     bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
@@ -93,6 +94,7 @@ def run_job(job: Job) -> JobSummary:
                     for label, (variables, row) in _reconstruct(job, batch, len(rows),
                                                                 bar).items():
                         images[label], rows[label] = variables, row
+                    trues.update(zip(batch.labels, batch.true_images, strict=True))
                 # The finished module and its Trainer reference each other: without this,
                 # each image's targets (~60 MB at 224 px, all layers) wait for Python's
                 # rare full collection and a long job's memory grows image by image.
@@ -115,7 +117,8 @@ def run_job(job: Job) -> JobSummary:
         # one report at a time: the last to take the lock sees every finished image
         with contextlib.closing(Claims(out.run_dir)) as tables, tables.lock("report"):
             every_failure = update_failures(out, failures, attempted=pending)
-            return write_report(job, images, rows, failures, done, job_failures=every_failure)
+            return write_report(job, images, rows, failures, done, job_failures=every_failure,
+                                held_trues=trues)
 
 
 def _claim_name(label: str) -> str:
