@@ -145,10 +145,12 @@ def _claimed(job: Job, claims: Claims, batch: TargetBatch | FailedBatch,
         return None
     if isinstance(batch, FailedBatch):
         return FailedBatch(mine, batch.error)
-    try:  # a partly claimed batch (data.batch_size > 1): read the claimed part again
-        return job.datamodule.load(mine)
-    except IcnnError as exc:
-        return FailedBatch(mine, exc)
+    # a partly claimed batch (data.batch_size > 1): its claimed rows, as loaded (reading,
+    # std correction, stacking and layer weights are per image: the same as a re-read)
+    rows = [batch.labels.index(lab) for lab in mine]
+    return TargetBatch(mine, {n: t[rows] for n, t in batch.targets.items()},
+                       {n: w[rows] for n, w in batch.weights.items()},
+                       [batch.true_images[i] for i in rows])
 
 
 @contextlib.contextmanager
