@@ -7,6 +7,8 @@ as a bare scipy/h5py traceback.
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 import struct
 import zlib
@@ -84,21 +86,33 @@ _MI_MATRIX, _MI_COMPRESSED = 14, 15
 _MAX_DEPTH = 32  # cells / structs nest matrices; deeper is a damaged file
 
 
-def _check_v5_structure(path: Path) -> None:
+def _check_v5_structure(path: Path, keep: bool = False) -> bytes | None:
     """Walk every data element tag of a MATLAB v5 file (compressed ones decompressed)
     and raise ValueError at the first unknown type or size past its container, before
-    scipy reads it: a corrupt tag can crash scipy's reader instead of raising."""
+    scipy reads it: a corrupt tag can crash scipy's reader instead of raising.
+
+    The file is mapped, not read. With ``keep``: the file as an uncompressed v5 stream
+    (header, then each element inflated), for scipy to read without inflating it again;
+    None when the file is not v5 (scipy gives those their error)."""
     with open(path, "rb") as fh:
-        buf = fh.read()
-    if len(buf) < 128 or 0 in buf[:4]:
-        return  # not a v5 file (v4, or not MATLAB at all): scipy raises for those
-    endian = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
-    if endian is None:
-        return  # scipy refuses an unknown byte-order mark itself
-    _check_v5_elements(buf, endian, 128, len(buf), 0)
+        size = os.fstat(fh.fileno()).st_size
+        if size < 128:
+            return None  # not a v5 file (an empty one cannot be mapped): scipy raises
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if 0 in buf[:4]:
+                return None  # not a v5 file (v4, or not MATLAB at all): scipy raises for those
+            endian = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
+            if endian is None:
+                return None  # scipy refuses an unknown byte-order mark itself
+            parts = [buf[:128]] if keep else None
+            _check_v5_elements(buf, endian, 128, size, 0, parts)
+    return None if parts is None else b"".join(parts)
 
 
-def _check_v5_elements(buf: bytes, endian: str, start: int, end: int, depth: int) -> None:
+def _check_v5_elements(buf: bytes | mmap.mmap, endian: str, start: int, end: int, depth: int,
+                       parts: list[bytes] | None = None) -> None:
+    """Check the elements in ``buf[start:end]``; append each to ``parts`` (if given)
+    as scipy reads it (a compressed element inflated)."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"data elements nested more than {_MAX_DEPTH} deep")
     pos = start
@@ -110,6 +124,8 @@ def _check_v5_elements(buf: bytes, endian: str, start: int, end: int, depth: int
             mtype, nbytes = mtype & 0xFFFF, mtype >> 16
             if mtype not in _MI_TYPES or mtype in (_MI_MATRIX, _MI_COMPRESSED) or nbytes > 4:
                 raise ValueError(f"bad small data element (type {mtype}) at byte {pos}")
+            if parts is not None:
+                parts.append(buf[pos:pos + 8])
             pos += 8
             continue
         if mtype not in _MI_TYPES:
@@ -117,6 +133,7 @@ def _check_v5_elements(buf: bytes, endian: str, start: int, end: int, depth: int
         body = pos + 8
         if nbytes > end - body:
             raise ValueError(f"data element at byte {pos} claims {nbytes} bytes, past the end")
+        inner = None
         if mtype == _MI_MATRIX:
             _check_v5_elements(buf, endian, body, body + nbytes, depth + 1)
         elif mtype == _MI_COMPRESSED:
@@ -127,6 +144,8 @@ def _check_v5_elements(buf: bytes, endian: str, start: int, end: int, depth: int
             _check_v5_elements(inner, endian, 0, len(inner), depth + 1)
         padded = body + nbytes if mtype in (_MI_MATRIX, _MI_COMPRESSED) else \
             body + (nbytes + 7) // 8 * 8
+        if parts is not None:
+            parts.append(buf[pos:min(padded, end)] if inner is None else inner)
         pos = min(padded, end)  # some writers leave out the last element's padding
 
 
@@ -144,15 +163,19 @@ def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[
                     if arr is not None:
                         out[n] = arr
                 return out, names
-        _check_v5_structure(path)
+        inflated = _check_v5_structure(path, keep=True)
+        # the checked stream when the file is v5 (each element inflated once, here)
+        source = os.fspath(path) if inflated is None else io.BytesIO(inflated)
         if key is None:
-            raw = scipy.io.loadmat(os.fspath(path))
+            raw = scipy.io.loadmat(source)
             out = {k: v for k, v in raw.items() if not k.startswith("__")}
             return out, sorted(out)
-        raw = scipy.io.loadmat(os.fspath(path), variable_names=[key])
+        raw = scipy.io.loadmat(source, variable_names=[key])
         if key in raw:
             return {key: raw[key]}, [key]
-        return {}, sorted(name for name, _, _ in scipy.io.whosmat(os.fspath(path)))
+        if inflated is not None:
+            source.seek(0)
+        return {}, sorted(name for name, _, _ in scipy.io.whosmat(source))
     except Exception as exc:  # any reader failure means a bad file, whatever the class
         raise _read_failed(path, exc) from exc
 

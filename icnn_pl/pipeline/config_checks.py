@@ -27,16 +27,16 @@ from icnn_pl.engine.params import SQUASHES, check_init, colour_matrix_bgr
 from icnn_pl.engine.reconstruction import OptimizerFactory
 from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.engine.transforms import make_transforms
-from icnn_pl.errors import ConfigError
+from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import ARCHITECTURES
 from icnn_pl.nets.encoder import INPUT_SPACES
 from icnn_pl.pipeline.data_sources import (
     DATA_SOURCES,
     DEMO_SOURCES,
+    data_root,
     demo_source,
     existing_path,
     plain,
-    required,
 )
 from icnn_pl.pipeline.loggers import check_logger
 
@@ -49,14 +49,14 @@ FILE_KEYS = ("network.weights", "generator.weights", "generator.act_range", "dat
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of config values, before anything is built."""
-    _check_method(cfg)
+    factory = _check_method(cfg)  # built once: the later checks take it
     _check_network(cfg)
     _check_layer_names(cfg)
     check_logger(cfg.logger.kind, cfg.logger.get("mode", "offline"))
     t = cfg.trainer
     check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False),
                           plain(t.get("devices", 1)), t.get("deterministic", False))
-    _check_data(cfg)
+    _check_data(cfg, factory)
     _check_paths_exist(cfg)
     _check_values(cfg)
 
@@ -71,7 +71,9 @@ def optimizer_factory(cfg: DictConfig) -> OptimizerFactory:
                           " lbfgsb") from exc
 
 
-def _check_method(cfg: DictConfig) -> None:
+def _check_method(cfg: DictConfig) -> OptimizerFactory:
+    """The method's options; returns the optimizer factory (built once, after the
+    schedules it reads are checked)."""
     m = cfg.method
     if m.param not in METHOD_PARAMS:
         raise ConfigError(f"method.param={m.param!r} is not valid", f"use one of {METHOD_PARAMS}")
@@ -84,8 +86,9 @@ def _check_method(cfg: DictConfig) -> None:
             raise ConfigError(f"optimizer.schedule.lr={value} is negative",
                               "use a non-negative learning rate")
     # after the schedules: the optimizer factory reads them
-    check_n_iter(m.n_iter, "method.n_iter", allow_zero=evaluates_only(optimizer_factory(cfg)))
-    _check_prior(cfg)
+    factory = optimizer_factory(cfg)
+    check_n_iter(m.n_iter, "method.n_iter", allow_zero=evaluates_only(factory))
+    _check_prior(cfg, factory)
     if m.param == "code" and cfg.get("generator") is None:
         raise ConfigError(f"method {m.name} optimises a generator code but no generator is set",
                           "add generator=relu7")
@@ -93,9 +96,10 @@ def _check_method(cfg: DictConfig) -> None:
             cfg.generator.get("act_range") in (None, "???"):
         raise ConfigError("generator.act_range is required by this preset (paper bounds)",
                           "set generator.act_range=/path/to/act_range_3x.txt")
+    return factory
 
 
-def _check_prior(cfg: DictConfig) -> None:
+def _check_prior(cfg: DictConfig, factory: OptimizerFactory) -> None:
     """The Fourier options and the random transforms, before anything is built."""
     m = cfg.method
     if m.param == "fourier":
@@ -118,7 +122,7 @@ def _check_prior(cfg: DictConfig) -> None:
                               " image and a gradient method",
                               "use them with method=icnn_fourier (or icnn_gd), or set"
                               " method.transforms=null")
-        check_transforms(optimizer_factory(cfg), t)
+        check_transforms(factory, t)
         make_transforms(t, "method.transforms")
 
 
@@ -187,8 +191,8 @@ def import_target(target: str, key: str) -> Any:
             raise ConfigError(f"{key}={target!r}: importing {name} failed: {exc}",
                               "install what the module needs") from exc
         except Exception as exc:
-            raise ConfigError(f"{key}={target!r}: importing {name} failed:"
-                              f" {type(exc).__name__}: {exc}", "fix the module") from exc
+            raise ConfigError(f"{key}={target!r}: importing {name} failed: {one_line(exc)}",
+                              "fix the module") from exc
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
@@ -200,7 +204,7 @@ def import_target(target: str, key: str) -> Any:
                       " must be on PYTHONPATH (or in the directory you run from)")
 
 
-def _check_data(cfg: DictConfig) -> None:
+def _check_data(cfg: DictConfig, factory: OptimizerFactory) -> None:
     d = cfg.data
     if d.kind not in DATA_SOURCES:
         raise ConfigError(f"data.kind={d.kind!r} is not valid", f"use one of {list(DATA_SOURCES)}")
@@ -213,10 +217,9 @@ def _check_data(cfg: DictConfig) -> None:
             demo_subject(cfg.subject)
     check_selection(d.get("limit"), d.get("num_shards", 1), d.get("shard", 0),
                     d.get("batch_size", 1))
-    check_one_problem(optimizer_factory(cfg), d.get("batch_size") or 1)
+    check_one_problem(factory, d.get("batch_size") or 1)
     if not demo:
-        existing_path(required(cfg, "data.root", f"set data.root=<path> for data={d.name}"),
-                      "data.root")
+        data_root(cfg)
     # decoded features need reference stds; the demo brings its own
     needs_ref = d.kind in ("decoded", "decoded_caffe")
     check_std_correction(d.get("std_correction", "none"),

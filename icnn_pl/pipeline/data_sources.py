@@ -93,7 +93,8 @@ def _stimuli(cfg: DictConfig, encoder: FeatureEncoder) -> ImageFolder | None:
         if folder else None
 
 
-def _root(cfg: DictConfig) -> Path:
+def data_root(cfg: DictConfig) -> Path:
+    """``data.root``, required and existing (ConfigError naming the key otherwise)."""
     return existing_path(required(cfg, "data.root", f"set data.root=<path> for data="
                                   f"{cfg.data.name}"), "data.root")
 
@@ -101,21 +102,21 @@ def _root(cfg: DictConfig) -> Path:
 def _decoded(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
              network_id: str) -> DataSource:
     sub = subject_id(cfg.subject, "bdpy")
-    features = DecodedFeatures(_root(cfg), sub, cfg.roi, layers, fold=cfg.data.get("fold"))
+    features = DecodedFeatures(data_root(cfg), sub, cfg.roi, layers, fold=cfg.data.get("fold"))
     return DataSource(features, sub, _stimuli(cfg, encoder))
 
 
 def _decoded_caffe(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
                    network_id: str) -> DataSource:
     sub = subject_id(cfg.subject, "caffe")
-    features = CaffeDecodedFeatures(_root(cfg), sub, cfg.roi, layers,
+    features = CaffeDecodedFeatures(data_root(cfg), sub, cfg.roi, layers,
                                     feature_type=cfg.data.feature_type, net=cfg.data.net)
     return DataSource(features, sub, _stimuli(cfg, encoder))
 
 
 def _image_folder(cfg: DictConfig, encoder: FeatureEncoder, layers: Sequence[str],
                    network_id: str) -> DataSource:
-    images = ImageFolder(_root(cfg), encoder.input_size)
+    images = ImageFolder(data_root(cfg), encoder.input_size)
     return DataSource(ImageFeatures(images, encoder, layers), TRUE_FEATURES, images, "none")
 
 

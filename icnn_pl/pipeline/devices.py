@@ -33,7 +33,8 @@ def visible_gpus(environ: MutableMapping[str, str] | None = None) -> list[str]:
 def remember_host_gpus(environ: MutableMapping[str, str] | None = None) -> None:
     """In the launching process: record its GPUs for the jobs it starts (kept if set)."""
     environ = os.environ if environ is None else environ
-    environ.setdefault(HOST_GPUS_ENV, ",".join(visible_gpus(environ)))
+    if HOST_GPUS_ENV not in environ:  # visible_gpus may ask torch: only when needed
+        environ[HOST_GPUS_ENV] = ",".join(visible_gpus(environ))
 
 
 def job_gpu(host_gpus: list[str], shard: int, num_shards: int, job_num: int) -> str:

@@ -30,7 +30,7 @@ from icnn_pl.engine.recipe import Recipe
 from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.engine.transforms import make_transforms
-from icnn_pl.errors import ConfigError
+from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import build_encoder, build_generator, fingerprint
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline.claims import HOST, Claims
@@ -112,8 +112,7 @@ def build_custom_network(cfg: DictConfig) -> nn.Module:
         except Exception as exc:
             cause = exc.__cause__ or exc
             raise ConfigError(
-                f"network.module ({spec.get('_target_')}) cannot be built:"
-                f" {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}",
+                f"network.module ({spec.get('_target_')}) cannot be built: {one_line(cause)}",
                 "check network.module._target_ and its arguments",
             ) from exc
     if not isinstance(module, nn.Module):

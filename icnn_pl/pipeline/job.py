@@ -65,7 +65,8 @@ class Job:
 def run_job(job: Job) -> JobSummary:
     """Run every pending image of the job, then score, summarise and log."""
     dm, out = job.datamodule, job.outputs
-    dm.setup("predict")
+    if not dm.labels:  # build_job has set it up (labels listed); a hand-built Job not yet
+        dm.setup("predict")
     images = _finished(job)  # label -> variables of every finished image
     done = list(images)
     pending = [lab for lab in dm.labels if lab not in images]
@@ -75,13 +76,14 @@ def run_job(job: Job) -> JobSummary:
     failures = _check_feature_headers(job, pending)
     pending = [lab for lab in pending if lab not in failures]
     rows: dict[str, dict[str, Any]] = {}
+    trues: dict[str, np.ndarray | None] = {}  # true images of the batches run here, as loaded
     bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
                disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
                dynamic_ncols=True)
     claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
     redo = {lab for lab in pending if out.is_done(lab)}  # unreadable, or resume=false
     with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
-            contextlib.closing(job.launch or Claims(out.run_dir)):
+            contextlib.closing(job.launch) if job.launch else contextlib.nullcontext():
         for batch in dm.predict_dataloader(pending):
             interrupt.check()
             n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere, redo)
@@ -92,6 +94,7 @@ def run_job(job: Job) -> JobSummary:
                     for label, (variables, row) in _reconstruct(job, batch, len(rows),
                                                                 bar).items():
                         images[label], rows[label] = variables, row
+                    trues.update(zip(batch.labels, batch.true_images, strict=True))
                 # The finished module and its Trainer reference each other: without this,
                 # each image's targets (~60 MB at 224 px, all layers) wait for Python's
                 # rare full collection and a long job's memory grows image by image.
@@ -114,7 +117,8 @@ def run_job(job: Job) -> JobSummary:
         # one report at a time: the last to take the lock sees every finished image
         with contextlib.closing(Claims(out.run_dir)) as tables, tables.lock("report"):
             every_failure = update_failures(out, failures, attempted=pending)
-            return write_report(job, images, rows, failures, done, job_failures=every_failure)
+            return write_report(job, images, rows, failures, done, job_failures=every_failure,
+                                held_trues=trues)
 
 
 def _claim_name(label: str) -> str:
@@ -141,10 +145,12 @@ def _claimed(job: Job, claims: Claims, batch: TargetBatch | FailedBatch,
         return None
     if isinstance(batch, FailedBatch):
         return FailedBatch(mine, batch.error)
-    try:  # a partly claimed batch (data.batch_size > 1): read the claimed part again
-        return job.datamodule.load(mine)
-    except IcnnError as exc:
-        return FailedBatch(mine, exc)
+    # a partly claimed batch (data.batch_size > 1): its claimed rows, as loaded (reading,
+    # std correction, stacking and layer weights are per image: the same as a re-read)
+    rows = [batch.labels.index(lab) for lab in mine]
+    return TargetBatch(mine, {n: t[rows] for n, t in batch.targets.items()},
+                       {n: w[rows] for n, w in batch.weights.items()},
+                       [batch.true_images[i] for i in rows])
 
 
 @contextlib.contextmanager

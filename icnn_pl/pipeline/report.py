@@ -65,12 +65,13 @@ def mat_text(value: Any) -> str:
 
 def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[str, Any]],
                  failures: dict[str, str], done: list[str],
-                 job_failures: Mapping[str, str] | None = None) -> JobSummary:
+                 job_failures: Mapping[str, str],
+                 held_trues: Mapping[str, np.ndarray | None]) -> JobSummary:
     """Tables, scores and figures over every finished image of the job. ``images`` holds
     the variables of the images this process finished or read; those of other shards are
     read here, once. ``failures`` are this process's (its exit code); ``job_failures``
-    every shard's, listed in ``run_info.json`` and the printed summary."""
-    job_failures = failures if job_failures is None else job_failures
+    every shard's, listed in ``run_info.json`` and the printed summary. ``held_trues``: the
+    true images already loaded with this process's batches; the others are read here."""
     dm, out = job.datamodule, job.outputs
     labels = [lab for lab in dm.job_labels
               if lab in images or (lab not in failures and out.is_done(lab))]
@@ -83,7 +84,8 @@ def write_report(job: Job, images: dict[str, Variables], rows: dict[str, dict[st
         if lab not in rows:  # finished by an earlier run
             rows[lab] = result_row(job, lab, histories[lab], len(histories[lab]),
                                    stop_reason=mat_text(images[lab].get("stop_reason")))
-    trues = {lab: t for lab in labels if (t := dm.true_image(lab)) is not None}
+    trues = {lab: t for lab in labels if (t := held_trues[lab] if lab in held_trues
+                                          else dm.true_image(lab)) is not None}
     table = [rows[lab] for lab in labels]
     info = _run_info(job, labels, job_failures)
     if trues:  # per-image and mean scores on display and raw images, with 95% intervals

@@ -20,7 +20,7 @@ import os
 import shlex
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from icnn_pl.atomic import write_text_atomic
+from icnn_pl.pipeline.claims import Claims
 
 log = logging.getLogger(__name__)
 
@@ -130,29 +131,6 @@ def _write_record(config: DictConfig, update: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(record, indent=2, default=str))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``, so summaries written by jobs ending together are
-    written one after the other (the last one sees every record). No lock where the file
-    system has none: the summary is rebuilt at the next job end anyway."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError:
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def read_records(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every job record of a sweep, sorted by job directory (shards of a job together)."""
     records = []
@@ -167,7 +145,8 @@ def read_records(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def write_sweep_summary(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     """Rewrite ``sweep_summary.json`` and ``sweep_summary.md`` from the job records."""
     sweep_dir = Path(str(sweep_dir))
-    with _locked(sweep_dir / STATUS_DIR / ".lock"):
+    # one writer at a time (NFS-safe claim): the last of jobs ending together sees every record
+    with contextlib.closing(Claims(sweep_dir / STATUS_DIR)) as c, c.lock("sweep_summary"):
         jobs = read_records(sweep_dir)
         counts: dict[str, int] = {}
         for job in jobs:
