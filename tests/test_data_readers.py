@@ -84,6 +84,24 @@ def test_plain_hdf5_without_matlab_marks_is_read_row_major(tmp_path):
     np.testing.assert_array_equal(load_mat(path), arr)
 
 
+def test_v5_files_read_where_the_file_system_cannot_map_them(tmp_path, monkeypatch):
+    """The v5 structure check maps the file; where mapping fails it reads the file."""
+    from icnn_pl.data import matio
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    path = tmp_path / "f.mat"
+    scipy.io.savemat(path, {"feat": x}, do_compression=True)
+    mapped = matio._check_v5_structure(path, keep=True)
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(matio.mmap, "mmap", no_mmap)
+    assert matio._check_v5_structure(path, keep=True) == mapped
+    np.testing.assert_array_equal(load_mat(path), x)
+    assert mat_shape(path) == (2, 3, 4)
+
+
 def test_load_mat_returns_independent_float32_copy(tmp_path):
     path = write_v5(tmp_path / "i.mat", feat=np.arange(6, dtype=np.int16).reshape(2, 3))
     got = load_mat(path)

@@ -7,6 +7,7 @@ as a bare scipy/h5py traceback.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -91,14 +92,19 @@ def _check_v5_structure(path: Path, keep: bool = False) -> bytes | None:
     and raise ValueError at the first unknown type or size past its container, before
     scipy reads it: a corrupt tag can crash scipy's reader instead of raising.
 
-    The file is mapped, not read. With ``keep``: the file as an uncompressed v5 stream
-    (header, then each element inflated), for scipy to read without inflating it again;
-    None when the file is not v5 (scipy gives those their error)."""
+    The file is mapped, not read (read where the file system cannot map it). With
+    ``keep``: the file as an uncompressed v5 stream (header, then each element inflated),
+    for scipy to read without inflating it again; None when the file is not v5 (scipy
+    gives those their error)."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < 128:
             return None  # not a v5 file (an empty one cannot be mapped): scipy raises
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read it
+            mapped = contextlib.nullcontext(fh.read())
+        with mapped as buf:
             if 0 in buf[:4]:
                 return None  # not a v5 file (v4, or not MATLAB at all): scipy raises for those
             endian = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
