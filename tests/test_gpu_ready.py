@@ -10,6 +10,7 @@ cache emptying or module moves; 6 no host round trips in the GD loop; 7 determin
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import partial
 
 import numpy as np
@@ -17,19 +18,25 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from engine_helpers import TinyGenerator, batched_tiny_targets, tiny_encoder
+from fake_cuda import fake_cuda
 
+from icnn_pl.engine.evaluate_only import EvaluateOnly
 from icnn_pl.engine.fit import (
     KeepOnDevice,
     _LeanCUDA,
     check_devices,
     check_trainer_options,
+    deterministic_cublas,
     fit,
+    lean_strategy,
     make_trainer,
 )
 from icnn_pl.engine.icnn_steps import Clipping, GDSteps, Regularizer, gaussian_blur
 from icnn_pl.engine.lbfgsb import ScipyLBFGSB
 from icnn_pl.engine.recipe import build_reconstruction
+from icnn_pl.engine.reconstruction import Reconstruction
 from icnn_pl.engine.schedules import Linear
+from icnn_pl.engine.transforms import RandomTransforms
 from icnn_pl.errors import ConfigError
 from icnn_pl.pipeline.devices import HOST_GPUS_ENV, job_gpu, pin_job_gpu, remember_host_gpus
 
@@ -50,10 +57,18 @@ RECIPES = {
     "icnn_dgn_lbfgs": {"optimizer": partial(ScipyLBFGSB, maxiter=3), "n_iter": 3,
                        "init": "normal"},
 }
+# the other kinds of parameter and optimizer, for the fake-CUDA tests
+MORE_RECIPES = {
+    # (SGD: Adam reads its step count with .item(), a CPU tensor on a GPU too: no sync,
+    # but the host-read counter below cannot tell it from a device tensor)
+    "icnn_fourier": {"optimizer": partial(torch.optim.SGD, lr=0.05, momentum=0.9), "n_iter": 4,
+                     "init": "normal", "fourier": {}, "transforms": RandomTransforms(2.0)},
+    "dgn_direct": {"optimizer": EvaluateOnly, "n_iter": 0, "init": "normal"},
+}
 
 
 def _module(name: str, device: str = "cpu", seed: int = 3):
-    recipe = dict(RECIPES[name])
+    recipe = dict({**RECIPES, **MORE_RECIPES}[name])
     if "dgn" in name:
         recipe["generator"] = TinyGenerator().to(device)
     targets = batched_tiny_targets(device)
@@ -222,6 +237,7 @@ def _count_host_reads(counts: list[int]):
 
 
 def _per_iteration_reads(module, **trainer_kwargs) -> list[int]:
+    trainer_kwargs = {**CPU, **trainer_kwargs}
     counts: list[int] = []
     step = module.training_step
 
@@ -231,7 +247,7 @@ def _per_iteration_reads(module, **trainer_kwargs) -> list[int]:
             return step(t, batch_idx)
 
     module.training_step = counted
-    fit(module, **CPU, **trainer_kwargs)
+    fit(module, **trainer_kwargs)
     return counts
 
 
@@ -252,6 +268,106 @@ def test_the_host_read_counter_can_fail():
         float(torch.ones(()))
         torch.ones(2).tolist()
     assert counts == [2]
+
+
+# -- fake CUDA: the Trainer built for a GPU, run on the CPU (tests/fake_cuda.py) ------------------
+NUMERICS = [{}, {"tf32": True}, {"tf32": False}, {"tf32": None}, {"deterministic": True},
+            {"tf32": True, "deterministic": True}]
+GRADIENT = ["icnn_gd", "icnn_dgn_gd", "icnn_fourier"]
+# Lightning's check of the step loader's length (has_len_all_ranks): one scalar made on the
+# device and compared on the host, twice per fit (per image, not per iteration: left alone)
+LENGTH_CHECK = [("tensor_on_cuda", ("tensor",))] * 2
+
+
+def _fake_module(name: str, fake) -> Reconstruction:
+    return fake.pin(_module(name))
+
+
+@pytest.mark.parametrize("options", NUMERICS, ids=str)
+def test_fake_cuda_fit_passes_lightnings_matmul_check_in_every_numerics_state(
+        monkeypatch, options):
+    """Lightning's ``CUDAAccelerator.setup_device`` reads the float32 matmul precision at
+    every fit on an Ampere+ GPU: it must be readable whatever ``numerics`` set."""
+    import pytorch_lightning.accelerators.cuda as pl_cuda
+
+    get, real_check = torch.get_float32_matmul_precision, pl_cuda._check_cuda_matmul_precision
+    checked, read = [], []
+
+    def check(device):  # Lightning's own check, run for real, its precision read recorded
+        with monkeypatch.context() as m:
+            m.setattr(torch, "get_float32_matmul_precision", lambda: read.append(get()) or get())
+            real_check(device)
+        checked.append(device)
+
+    monkeypatch.setattr(pl_cuda, "_check_cuda_matmul_precision", check)
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, module):
+            read.append(get())  # inside the numerics of the fit
+
+    with fake_cuda(monkeypatch) as fake:
+        fit(_fake_module("icnn_gd", fake), accelerator="gpu", devices=1, callbacks=[Probe()],
+            **options)
+    assert checked == [torch.device("cuda", 0)]
+    expected = {True: "high", False: "highest"}.get(options.get("tf32", False), get())
+    assert read == [expected, expected]  # Lightning's read, then the probe's
+    assert get() == "highest"  # restored after the fit
+    torch.backends.cudnn.allow_tf32  # noqa: B018 (raises after a mix of the two APIs)
+    torch.backends.cuda.matmul.allow_tf32  # noqa: B018
+
+
+@pytest.mark.parametrize("name", [*RECIPES, *MORE_RECIPES])
+def test_fake_cuda_fit_never_empties_the_cache_nor_moves_the_module_back(monkeypatch, name):
+    with fake_cuda(monkeypatch) as fake:
+        module = _fake_module(name, fake)
+        fit(module, accelerator="gpu", devices=1)
+        # one move onto the device at set-up, none back to the host at teardown
+        assert fake.moves == [("to", (torch.device("cuda", 0),))]
+        assert fake.calls == [("set_device", (torch.device("cuda", 0),)), *LENGTH_CHECK]
+
+
+def test_fake_cuda_spy_sees_lightnings_own_cache_emptying(monkeypatch):
+    """The spy can fail: the stock Trainer (with the lean strategy) empties the cache at
+    every fit, in ``_checkpoint_connector.resume_end``."""
+    with fake_cuda(monkeypatch) as fake:
+        module = _fake_module("icnn_gd", fake)
+        trainer = pl.Trainer(max_steps=module.trainer_steps, max_epochs=1, logger=False,
+                             strategy=lean_strategy("cuda:0"), devices=[0],
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        fit(module, trainer=trainer)
+        assert fake.count("empty_cache") == 1
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+def test_fake_cuda_gd_iterations_ask_nothing_of_cuda_nor_the_host(monkeypatch, name, tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    with fake_cuda(monkeypatch) as fake:
+        module = _fake_module(name, fake)
+        step, calls = module.training_step, []
+
+        def counted(t, batch_idx=0):
+            fake.calls.clear()
+            try:
+                return step(t, batch_idx)
+            finally:
+                calls.append(list(fake.calls))
+
+        module.training_step = counted
+        counts = _per_iteration_reads(module, accelerator="gpu", devices=1,
+                                      logger=CSVLogger(tmp_path), log_every_n_steps=2)
+    assert counts == [0] * module.n_iter and calls == [[]] * module.n_iter
+
+
+def test_fake_cuda_trainer_on_gpu_i_selects_that_device(monkeypatch):
+    with fake_cuda(monkeypatch, devices=4) as fake:
+        module = _fake_module("icnn_gd", fake)
+        trainer = make_trainer(module.trainer_steps, accelerator="gpu", devices=[3])
+        assert trainer.strategy.root_device == torch.device("cuda", 3)
+        fit(module, trainer=trainer)
+        assert fake.calls == [("set_device", (torch.device("cuda", 3),)), *LENGTH_CHECK]
+        assert fake.moves == [("to", (torch.device("cuda", 3),))]
 
 
 # -- GPU-marked: what only CUDA shows ----------------------------------------------------------
@@ -347,3 +463,41 @@ def test_device_check_refuses_cuda_without_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--device", "cuda"])
     assert "--device cpu" in capsys.readouterr().err
+
+
+# -- deterministic mode: cuBLAS's workspace, and what cannot be deterministic on a GPU ----------
+def test_deterministic_fit_sets_the_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, module):
+            seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+    fit(_module("icnn_gd"), callbacks=[Probe()], deterministic=True, **CPU)
+    assert seen == [":4096:8"]
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # left set: cuBLAS reads it once
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a deterministic value is kept
+    fit(_module("icnn_gd"), deterministic=True, **CPU)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_deterministic_cublas_warns_when_cuda_already_started(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.warns(RuntimeWarning, match="in the environment"):
+        deterministic_cublas()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_deterministic_refuses_random_transforms_on_a_gpu_before_work(monkeypatch):
+    with fake_cuda(monkeypatch) as fake:
+        module = _fake_module("icnn_fourier", fake)
+        with pytest.raises(ConfigError, match="transforms") as err:
+            fit(module, accelerator="gpu", devices=1, deterministic=True)
+        assert "method.transforms=null" in err.value.fix
+        assert not fake.moves and not module._history  # refused before the fit started
+    # on the CPU the resampling's backward is sequential: runs repeat exactly
+    runs = [fit(_module("icnn_fourier"), deterministic=True, **CPU) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].images, runs[1].images)

@@ -2,18 +2,22 @@
 
 A finished Trainer runs no steps on a second ``fit``, so every reconstruction gets its
 own; the Trainer is cheap (~10-80 ms) next to the hundreds of VGG passes it drives.
-On a GPU the Trainer's per-fit costs are avoided (``KeepOnDevice``): its strategy would
-empty the CUDA cache at set-up and teardown and move the module (the targets, ~60 MB at
-224 px with all layers) back to the host after every image. One process uses one device
-(``check_devices``); several GPUs are used by shards, one process per GPU.
-Global numerics (TF32, cuDNN determinism) are set only while a fit runs and restored after
-(``numerics``).
+On a GPU the stock Trainer's per-fit costs are avoided: its CUDA accelerator would empty
+the CUDA cache at set-up and teardown (``_LeanCUDA``), its checkpoint connector once more
+after every start, checkpoint or not (``LeanTrainer``), and its strategy would move the
+module (the targets, ~60 MB at 224 px with all layers) back to the host after every image
+(``KeepOnDevice``). Each emptying is a device sync, and the next image allocates every
+block again. ``tests/test_gpu_ready.py`` proves these on the CPU with CUDA stubbed.
+One process uses one device (``check_devices``); several GPUs are used by shards, one
+process per GPU. Global numerics (TF32, cuDNN determinism) are set only while a fit runs
+and restored after (``numerics``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,6 +27,7 @@ import torch
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from torch.utils.data import DataLoader
 
 from icnn_pl.engine.reconstruction import ReconResult, Reconstruction
@@ -120,12 +125,75 @@ def check_trainer_options(accelerator: str = "auto", precision: str | None = Non
 
 
 def set_tf32(enabled: bool) -> None:
-    """Allow TF32 (10-bit mantissa) for float32 convolutions and matmuls on Ampere+ GPUs
-    (torch's ``fp32_precision`` API; the legacy ``allow_tf32`` flags are not mixed in, since
-    reading them after a mix raises). Process-wide: ``numerics`` scopes it to one fit."""
+    """Allow TF32 (10-bit mantissa) for float32 matmuls and cuDNN convolutions on Ampere+
+    GPUs, or forbid it. Process-wide: ``numerics`` scopes it to one fit.
+
+    Both of torch's APIs are set so that they agree: with only the new ``fp32_precision``
+    set, ``torch.get_float32_matmul_precision()`` raises ("mix of the legacy and new
+    APIs"), and Lightning calls it at every fit on an Ampere+ GPU. The legacy setters keep
+    their pairs consistent: ``set_float32_matmul_precision`` ("high" / "highest") writes
+    the cuBLAS and oneDNN matmul values with the legacy precision, ``cudnn.allow_tf32`` the
+    conv and RNN values with the legacy flag; the explicit cuDNN values then hold even
+    where a process set a generic default."""
     mode = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cudnn.conv.fp32_precision = mode
+    torch.backends.cudnn.rnn.fp32_precision = mode
+
+
+# What set_tf32 writes: (object, attribute) pairs, each read back raw to be restored.
+_TF32_STATE = ((torch.backends.cuda.matmul, "fp32_precision"),
+               (torch.backends.mkldnn.matmul, "fp32_precision"),
+               (torch.backends.cudnn.conv, "fp32_precision"),
+               (torch.backends.cudnn.rnn, "fp32_precision"))
+
+
+def _save_tf32() -> tuple[Any, ...]:
+    """The float32 precision state ``set_tf32`` changes: the legacy matmul precision (None
+    where a caller's own mix of the APIs makes it unreadable), the legacy cuDNN flag (the
+    same) and the new API's per-backend values."""
+    legacy = []
+    for read in (torch.get_float32_matmul_precision, lambda: torch.backends.cudnn.allow_tf32):
+        try:
+            legacy.append(read())
+        except RuntimeError:
+            legacy.append(None)
+    return (*legacy, *(getattr(obj, name) for obj, name in _TF32_STATE))
+
+
+def _restore_tf32(saved: tuple[Any, ...]) -> None:
+    """Undo ``set_tf32``: the legacy values first (their setters also write new-API values),
+    then the new API's own values, so every pair is as it was."""
+    matmul, cudnn_flag, *values = saved
+    if matmul is not None:
+        torch.set_float32_matmul_precision(matmul)
+    if cudnn_flag is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn_flag
+    for (obj, name), value in zip(_TF32_STATE, values, strict=True):
+        setattr(obj, name, value)
+
+
+# cuBLAS's deterministic workspace setting (torch's documented value); read by cuBLAS when
+# CUDA first creates its workspace, so it must be in the environment before CUDA starts.
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def deterministic_cublas() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` for reproducible cuBLAS matmuls (the fc layers),
+    unless the environment already gives a deterministic value. cuBLAS reads it once, when
+    CUDA first sizes its workspace: set after CUDA started in this process, it only quiets
+    torch's check, so a warning says to set it in the environment before starting."""
+    name, value = CUBLAS_WORKSPACE
+    if os.environ.get(name) in _DETERMINISTIC_CUBLAS:
+        return
+    os.environ[name] = value
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        warnings.warn(f"trainer.deterministic: {name} was set to {value} after CUDA started in"
+                      " this process; cuBLAS may already use its default workspace, so the fc"
+                      " layers' matmuls may not repeat exactly. Start the process with"
+                      f" {name}={value} in the environment.", RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -136,26 +204,42 @@ def numerics(tf32: bool | None = False, deterministic: bool = False) -> Iterator
     convolutions, which changes the reconstruction; ``benchmarks.bench_quality`` measures
     it), True TF32 tensor cores, None the process's own settings untouched.
     ``deterministic``: cuDNN picks deterministic algorithms (``cudnn.deterministic``, no
-    ``cudnn.benchmark``) and torch's deterministic algorithms are on with ``warn_only``:
-    ops without a deterministic CUDA kernel (the fc layers' adaptive pooling backward)
-    warn instead of raising; at 224 px that pooling maps 7x7 to 7x7, one input per output,
-    so its result does not depend on the order of its atomic adds.
+    ``cudnn.benchmark``), cuBLAS its deterministic workspace (``deterministic_cublas``,
+    left set: cuBLAS reads it once) and torch's deterministic algorithms are on with
+    ``warn_only``: ops without a deterministic CUDA kernel (the fc layers' adaptive pooling
+    backward) warn instead of raising; at 224 px that pooling maps 7x7 to 7x7, one input
+    per output, so its result does not depend on the order of its atomic adds. The random
+    transforms' resampling has no deterministic CUDA backward: ``check_deterministic``
+    refuses them together on a GPU.
     """
     cudnn = torch.backends.cudnn
-    saved = (torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision,
-             cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+    saved = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled())
+    tf32_saved = _save_tf32() if tf32 is not None else None
     try:
         if tf32 is not None:
             set_tf32(tf32)
         if deterministic:
+            deterministic_cublas()
             cudnn.deterministic, cudnn.benchmark = True, False
             torch.use_deterministic_algorithms(True, warn_only=True)
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = saved[:2]
-        cudnn.deterministic, cudnn.benchmark = saved[2:4]
-        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        if tf32_saved is not None:
+            _restore_tf32(tf32_saved)
+        cudnn.deterministic, cudnn.benchmark = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def check_deterministic(device: torch.device | str, deterministic: bool, transforms: Any) -> None:
+    """Random transforms resample with ``grid_sample``, whose CUDA backward adds with atomics
+    in no fixed order: no run would repeat exactly, so ``deterministic`` refuses them on a
+    GPU (on the CPU that backward is sequential: reproducible)."""
+    if deterministic and transforms is not None and torch.device(device).type == "cuda":
+        raise ConfigError("trainer.deterministic=true with random transforms (method.transforms)"
+                          " on a GPU: their resampling's CUDA backward is not deterministic",
+                          "set method.transforms=null, or trainer.deterministic=false (or run"
+                          " on the CPU: trainer=cpu)")
 
 
 class _LeanCUDA(CUDAAccelerator):
@@ -178,6 +262,27 @@ class KeepOnDevice(SingleDeviceStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+
+class _KeepCacheConnector(_CheckpointConnector):
+    """Lightning's checkpoint connector without the CUDA cache emptying at the end of every
+    start (``resume_end``), which runs whether or not a checkpoint was loaded; with one
+    loaded (never, for a reconstruction) Lightning's own clean-up runs."""
+
+    def resume_end(self) -> None:
+        if self._ckpt_path:
+            super().resume_end()
+            return
+        self._loaded_checkpoint = {}
+        self.trainer.strategy.barrier("_CheckpointConnector.resume_end")
+
+
+class LeanTrainer(pl.Trainer):
+    """A Trainer whose start leaves the CUDA cache alone (``_KeepCacheConnector``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checkpoint_connector = _KeepCacheConnector(self)
 
 
 def resolve_device(accelerator: str = "auto", devices: Any = 1) -> torch.device:
@@ -215,8 +320,9 @@ def make_trainer(
     callbacks: Sequence[pl.Callback] = (),
     log_every_n_steps: int = 10,
     precision: str | int | None = None,
-) -> pl.Trainer:
-    """A Trainer with nothing a single reconstruction does not need, on one device.
+) -> LeanTrainer:
+    """A Trainer with nothing a single reconstruction does not need, on one device: no
+    per-fit CUDA cache emptying or module moves (``LeanTrainer``, ``lean_strategy``).
 
     ``accelerator="auto"`` is the GPU when present, else the CPU; ``devices`` is ``1`` or
     ``[i]`` (see ``check_devices``). ``precision`` is Lightning's (``bf16-mixed``; default
@@ -227,7 +333,7 @@ def make_trainer(
     # None would make Lightning add its default TensorBoard logger in ./lightning_logs.
     logger = False if logger is None else logger
     with _quiet_lightning():
-        return pl.Trainer(
+        return LeanTrainer(
             max_steps=max_steps,
             max_epochs=1,
             strategy=lean_strategy(device, precision),
@@ -247,6 +353,7 @@ def fit(module: Reconstruction, trainer: pl.Trainer | None = None, tf32: bool | 
     """Run ``module`` to the end and return its result; ``tf32`` and ``deterministic``
     hold while it runs (``numerics``), ``trainer_kwargs`` go to ``make_trainer``."""
     trainer = trainer or make_trainer(module.trainer_steps, **trainer_kwargs)
+    check_deterministic(trainer.strategy.root_device, deterministic, module.transforms)
     # The loader only counts iterations; targets already live in the module's buffers.
     steps = DataLoader(range(module.trainer_steps), batch_size=None)
     try:

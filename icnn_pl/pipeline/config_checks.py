@@ -20,7 +20,7 @@ from icnn_pl.data.datamodule import check_selection
 from icnn_pl.data.demo import demo_subject
 from icnn_pl.data.std_correction import check_std_correction
 from icnn_pl.engine.evaluate_only import evaluates_only
-from icnn_pl.engine.fit import check_trainer_options
+from icnn_pl.engine.fit import check_deterministic, check_trainer_options, resolve_device
 from icnn_pl.engine.lbfgsb import check_one_problem, check_transforms
 from icnn_pl.engine.objective import check_layer_weighting, check_loss_type
 from icnn_pl.engine.params import SQUASHES, check_init, colour_matrix_bgr
@@ -56,6 +56,8 @@ def check_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     check_trainer_options(t.accelerator, t.get("precision"), t.get("tf32", False),
                           plain(t.get("devices", 1)), t.get("deterministic", False))
+    check_deterministic(resolve_device(t.accelerator, plain(t.get("devices", 1))),
+                        t.get("deterministic", False), plain(cfg.method.get("transforms")))
     _check_data(cfg, factory)
     _check_paths_exist(cfg)
     _check_values(cfg)
