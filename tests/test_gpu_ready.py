@@ -501,3 +501,14 @@ def test_deterministic_refuses_random_transforms_on_a_gpu_before_work(monkeypatc
     # on the CPU the resampling's backward is sequential: runs repeat exactly
     runs = [fit(_module("icnn_fourier"), deterministic=True, **CPU) for _ in range(2)]
     np.testing.assert_array_equal(runs[0].images, runs[1].images)
+
+
+def test_deterministic_config_with_transforms_is_refused_on_a_gpu(monkeypatch):
+    from benchmarks.harness import compose_cfg
+    from icnn_pl.pipeline.config_checks import check_config
+
+    overrides = ["method=icnn_fourier", "method.transforms={jitter: 2}",
+                 "trainer.deterministic=true"]
+    check_config(compose_cfg(["trainer=cpu", *overrides]))  # the CPU repeats exactly
+    with fake_cuda(monkeypatch), pytest.raises(ConfigError, match="deterministic"):
+        check_config(compose_cfg(["trainer=gpu", *overrides]))
