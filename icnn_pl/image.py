@@ -21,9 +21,10 @@ def to_caffe(rgb: np.ndarray, mean_bgr: Sequence[float]) -> torch.Tensor:
 
 
 def from_caffe(x: torch.Tensor, mean_bgr: Sequence[float]) -> np.ndarray:
-    """(B, 3, H, W) Caffe space -> (B, H, W, 3) RGB float32 on the 0-255 scale (not clipped)."""
-    mean = torch.tensor(mean_bgr, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x.detach() + mean).flip(1).permute(0, 2, 3, 1).float().cpu().numpy()
+    """(B, 3, H, W) Caffe space -> (B, H, W, 3) RGB float32 on the 0-255 scale (not clipped);
+    the mean is added in float32 (in bfloat16 116.669 would become 116.5)."""
+    mean = torch.tensor(mean_bgr, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x.detach().float() + mean).flip(1).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def caffe_pixel_bounds(mean_bgr: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

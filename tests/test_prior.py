@@ -5,6 +5,7 @@ where gradients go, batching, configs, and short real jobs of the three methods.
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 
 import numpy as np
@@ -30,7 +31,7 @@ from icnn_pl.engine.fit import fit
 from icnn_pl.engine.params import FourierImage, colour_matrix_bgr
 from icnn_pl.engine.recipe import build_reconstruction
 from icnn_pl.engine.schedules import Linear
-from icnn_pl.engine.transforms import RandomTransforms, make_transforms
+from icnn_pl.engine.transforms import RandomTransforms, affine_theta, make_transforms, warp
 from icnn_pl.errors import ConfigError
 from icnn_pl.image import from_caffe, to_caffe
 from icnn_pl.pipeline import config_checks, factory
@@ -134,9 +135,9 @@ def test_transforms_move_the_image_and_keep_the_gradient():
     image = torch.from_numpy(rgb_image(3)).permute(2, 0, 1)[None].repeat(2, 1, 1, 1)
     image.requires_grad_(True)
     still = RandomTransforms(jitter=0, scale=(1.0, 1.0), rotate=0)
-    torch.testing.assert_close(still(image, torch.Generator()), image, atol=1e-3, rtol=0)
+    torch.testing.assert_close(still(image, [torch.Generator()] * 2), image, atol=1e-3, rtol=0)
     moved = RandomTransforms(jitter=3, scale=(0.9, 1.1), rotate=10)(
-        image, torch.Generator().manual_seed(0))
+        image, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
     assert moved.shape == image.shape and float((moved - image).detach().abs().mean()) > 1.0
     assert not torch.allclose(moved[0], moved[1])  # each image its own move
     moved.sum().backward()
@@ -159,6 +160,57 @@ def test_transforms_in_a_reconstruction_and_not_with_lbfgs():
     with pytest.raises(ConfigError, match="L-BFGS"):
         build_reconstruction(targets, tiny_encoder(), partial(ScipyLBFGSB, maxiter=3), 3,
                              fourier=FOURIER, transforms=tf)
+
+
+def _blob(size: tuple[int, int], at: tuple[float, float], sigma: float = 1.5) -> torch.Tensor:
+    """(1, 3, H, W) Gaussian blob at ``at`` = (x, y) pixels from the image centre."""
+    h, w = size
+    y, x = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2,
+                          indexing="ij")
+    blob = torch.exp(-((x - at[0]) ** 2 + (y - at[1]) ** 2) / (2 * sigma ** 2))
+    return blob.expand(1, 3, h, w).clone()
+
+
+def _centroid(image: torch.Tensor) -> torch.Tensor:
+    """(x, y) of an image's mass, pixels from the centre."""
+    h, w = image.shape[-2:]
+    m = image[0, 0].double()
+    y, x = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2,
+                          indexing="ij")
+    return torch.stack([(m * x).sum(), (m * y).sum()]) / m.sum()
+
+
+@pytest.mark.parametrize("size", [(40, 80), (80, 40), (48, 48)])
+def test_rotation_is_a_rotation_in_pixels_on_any_aspect_ratio(size):
+    """A rotation keeps a point's distance from the centre (no shear on non-square images):
+    the output at p samples the input at R p, so a blob at q moves to R^-1 q."""
+    q, angle = torch.tensor([14.0, 6.0]), math.radians(25)
+    one = torch.ones(1, dtype=torch.float64)
+    moved = warp(_blob(size, tuple(q.tolist())),
+                 affine_theta(one, one * angle, 0 * one, 0 * one, size))
+    c, s = math.cos(angle), math.sin(angle)
+    expected = torch.tensor([[c, s], [-s, c]], dtype=torch.float64) @ q.double()
+    torch.testing.assert_close(_centroid(moved), expected, atol=0.1, rtol=0)
+
+
+def test_transforms_geometry_and_kept_images_stay_float32_under_bf16():
+    """Under bf16-mixed the image reaching the transforms is bfloat16 (a generator's output):
+    the grid and the resampling stay float32, as does the image kept as the result."""
+    image = _blob((32, 48), (5.0, -3.0), sigma=4.0).mul(100).bfloat16()
+    tf = RandomTransforms(jitter=4, scale=(0.9, 1.1), rotate=10)
+    want = tf(image.float(), [torch.Generator().manual_seed(5)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tf(image, [torch.Generator().manual_seed(5)])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    mean = (104.00699, 116.66877, 122.67892)
+    rgb = from_caffe(torch.zeros(1, 3, 2, 2, dtype=torch.bfloat16), mean)
+    np.testing.assert_array_equal(rgb[0, 0, 0], np.float32(mean[::-1]))
+    module = build_reconstruction(batched_tiny_targets(), tiny_encoder(),
+                                  partial(torch.optim.SGD, lr=1.0), 2, generator=TinyGenerator(),
+                                  init="normal", return_last_forward=True)
+    fit(module, accelerator="cpu", devices=1, precision="bf16-mixed")
+    assert module._last_image.dtype == torch.float32
 
 
 # -- dgn_direct --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Every operation is per image (dim 0 is the batch) and runs on the parameter's de
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,12 +178,15 @@ class GDSteps:
 
     # Jitter: shift image and every optimizer state of the same shape (the momentum buffer)
     def shift(self, param: Parameterization, opt: torch.optim.Optimizer,
-              rng: torch.Generator) -> tuple[int, int] | None:
+              rngs: Sequence[torch.Generator]) -> list[tuple[int, int]] | None:
+        """Roll each image by its own random offset (drawn from its own generator: alone or
+        in a batch, an image is jittered alike); returns the offsets to undo."""
         if not self.jitter:
             return None
-        ox, oy = (int(v) for v in torch.randint(-self.jitter, self.jitter + 1, (2,), generator=rng))
-        _roll_(param, opt, ox, oy)
-        return ox, oy
+        shifts = [tuple(int(v) for v in torch.randint(-self.jitter, self.jitter + 1, (2,),
+                                                      generator=rng)) for rng in rngs]
+        _roll_(param, opt, shifts)
+        return shifts
 
     def transform_grad(self, param: Parameterization, t: int, n: int) -> Tensor | None:
         """Normalise the gradient and add regulariser gradients; returns the normalised
@@ -200,7 +204,7 @@ class GDSteps:
 
     @torch.no_grad()
     def after_step(self, param: Parameterization, opt: torch.optim.Optimizer, t: int, n: int,
-                   shift: tuple[int, int] | None, feature_grad: Tensor | None) -> None:
+                   shift: list[tuple[int, int]] | None, feature_grad: Tensor | None) -> None:
         x = param.value
         due = lambda c: c is not None and (t + 1) % c.every == 0  # noqa: E731
         if due(self.clip_extreme):
@@ -210,7 +214,7 @@ class GDSteps:
         if due(self.clip_small_contribution):
             clip_small_contribution_(x, feature_grad, self.clip_small_contribution.pct.at(t, n))
         if shift is not None:
-            _roll_(param, opt, -shift[0], -shift[1])
+            _roll_(param, opt, [(-ox, -oy) for ox, oy in shift])
         if self.decay is not None:
             x.mul_(1.0 - self.decay.at(t, n))
         if self.blur_sigma is not None:
@@ -219,11 +223,13 @@ class GDSteps:
 
 
 @torch.no_grad()
-def _roll_(param: Parameterization, opt: torch.optim.Optimizer, ox: int, oy: int) -> None:
+def _roll_(param: Parameterization, opt: torch.optim.Optimizer,
+           shifts: Sequence[tuple[int, int]]) -> None:
+    """Roll image i (and its rows of the optimizer state) by ``shifts[i]`` = (x, y)."""
     x = param.value
     tensors = [x] + [s for s in opt.state.get(x, {}).values()
                      if isinstance(s, Tensor) and s.shape == x.shape]
     for s in tensors:
-        s.copy_(torch.roll(s, shifts=(oy, ox), dims=(-2, -1)))
-
-
+        for i, (ox, oy) in enumerate(shifts):
+            if ox or oy:
+                s[i].copy_(torch.roll(s[i], shifts=(oy, ox), dims=(-2, -1)))

@@ -31,8 +31,9 @@ def runs_to_completion(factory: Any) -> bool:
 
 def check_one_problem(factory: Any, batch_size: int) -> None:
     """A run-to-completion optimizer takes one image per problem: B images would share one
-    line search and stop together."""
-    if runs_to_completion(factory) and batch_size > 1:
+    line search and stop together. One that only evaluates (``dgn_direct``) takes any batch."""
+    if runs_to_completion(factory) and not optimizer_flag(factory, "evaluates_only") \
+            and batch_size > 1:
         raise ConfigError(
             f"data.batch_size={batch_size} with L-BFGS: {batch_size} images in one L-BFGS"
             " problem would share its line search", "L-BFGS methods reconstruct one image"

@@ -7,7 +7,6 @@ in one is a fix in all.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from icnn_pl.engine.params import (
 )
 from icnn_pl.engine.reconstruction import OptimizerFactory, Reconstruction
 from icnn_pl.engine.schedules import Linear, check_n_iter
+from icnn_pl.engine.seeds import image_generators, image_seed  # noqa: F401 (re-exported)
 from icnn_pl.engine.transforms import RandomTransforms
 from icnn_pl.errors import ConfigError
 from icnn_pl.nets.encoder import FeatureEncoder
@@ -71,7 +71,7 @@ def build_reconstruction(
     batch = next(iter(targets.values())).shape[0]
     labels = list(labels) if labels is not None else [str(i) for i in range(batch)]
     # One generator per image: an image starts from the same point alone or in a batch.
-    rngs = [torch.Generator().manual_seed(image_seed(seed, lab)) for lab in labels]
+    rngs = image_generators(seed, labels)
     shapes = {n: tuple(t.shape[1:]) for n, t in targets.items()}
     masks, channels = dict(masks or {}), dict(channels or {})
     unknown = sorted((set(masks) | set(channels)) - set(targets))
@@ -90,7 +90,7 @@ def build_reconstruction(
         param = _parameter(encoder, generator, init, rngs, code_bounds, pixel_bounds, targets)
     return Reconstruction(
         param, encoder, objective, optimizer, n_iter, schedules=schedules, steps=steps,
-        return_last_forward=return_last_forward, labels=labels, seed=image_seed(seed, *labels),
+        return_last_forward=return_last_forward, labels=labels, seed=seed,
         transforms=transforms,
     )
 
@@ -174,12 +174,6 @@ class Recipe:
         """A reconstruction of the images whose stacked targets are ``targets``."""
         return build_reconstruction(targets, encoder, weights=weights, labels=labels,
                                     seed=seed, **vars(self))
-
-
-def image_seed(seed: int, *labels: str) -> int:
-    """A seed from the job seed and image labels: results do not depend on the order,
-    batching or sharding of the images."""
-    return (seed * 1_000_003 + zlib.crc32("|".join(labels).encode())) % 2**31
 
 
 def _one(init: Any, i: int) -> Any:

@@ -27,6 +27,7 @@ from icnn_pl.engine.lbfgsb import check_one_problem, check_transforms, runs_to_c
 from icnn_pl.engine.objective import Objective
 from icnn_pl.engine.params import GeneratorCode, Parameterization
 from icnn_pl.engine.schedules import Linear, apply_schedules
+from icnn_pl.engine.seeds import image_generators
 from icnn_pl.image import from_caffe
 from icnn_pl.nets.encoder import FeatureEncoder
 
@@ -59,8 +60,9 @@ class Reconstruction(pl.LightningModule):
         return_last_forward: return the image of the last forward pass (before the final
             update) and the code that produced it, as the reference DGN-GD does.
         labels: image names, used as logging keys.
-        seed: seeds the jitter offsets and the random transforms.
-        transforms: ``(image, rng) -> image`` the encoder sees instead of the image
+        seed: the job seed: image i's random moves (jitter offsets, random transforms)
+            come from its own generator, seeded from this seed and ``labels[i]``.
+        transforms: ``(image, rngs) -> image`` the encoder sees instead of the image
             (``RandomTransforms``: transformation robustness); the result is untransformed.
     """
 
@@ -76,7 +78,8 @@ class Reconstruction(pl.LightningModule):
         return_last_forward: bool = False,
         labels: Sequence[str] | None = None,
         seed: int = 0,
-        transforms: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        transforms: Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
+        | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -94,7 +97,7 @@ class Reconstruction(pl.LightningModule):
         self.return_last_forward = return_last_forward
         self.labels = list(labels) if labels is not None else [
             str(i) for i in range(param.value.shape[0])]
-        self._rng = torch.Generator().manual_seed(seed)
+        self._rngs = image_generators(seed, self.labels, "moves")
         self.transforms = transforms
         check_transforms(optimizer, transforms)
         self._history: list[torch.Tensor] = []
@@ -142,7 +145,7 @@ class Reconstruction(pl.LightningModule):
     def compute_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per image (B,) and the image it was computed on."""
         image = self.param()
-        seen = image if self.transforms is None else self.transforms(image, self._rng)
+        seen = image if self.transforms is None else self.transforms(image, self._rngs)
         return self.objective(self.encoder(seen)), image
 
     def training_step(self, t: int, batch_idx: int = 0) -> None:
@@ -172,7 +175,7 @@ class Reconstruction(pl.LightningModule):
     def _gradient_step(self, opt, t: int) -> None:
         apply_schedules(opt.optimizer, self.schedules, t, self.n_iter)
         steps = self.steps
-        shift = steps.shift(self.param, opt.optimizer, self._rng) if steps else None
+        shift = steps.shift(self.param, opt.optimizer, self._rngs) if steps else None
         self._closure()
         feature_grad = steps.transform_grad(self.param, t, self.n_iter) if steps else None
         opt.step()
@@ -184,8 +187,8 @@ class Reconstruction(pl.LightningModule):
     def _record(self, loss: torch.Tensor, image: torch.Tensor) -> None:
         # Kept on the device: no host sync in the loop.
         self._history.append(loss.detach())
-        if self.return_last_forward:
-            self._last_image = image.detach()
+        if self.return_last_forward:  # float32 (under bf16-mixed the generator's is bf16)
+            self._last_image = image.detach().float()
             self._last_code = self.param.value.detach().clone()
 
     # -- results --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Transformation robustness (lucid): the encoder sees a randomly moved copy of the image.
 
-Each evaluation draws, per image, a shift of up to ``jitter`` pixels, a scale factor in
-``scale`` and a rotation of up to ``rotate`` degrees, and applies them as one affine
-resampling (bilinear, reflected at the borders). Features that survive small moves are
+Each evaluation draws, per image and from that image's own generator, a shift of up to
+``jitter`` pixels, a scale factor in ``scale`` and a rotation of up to ``rotate`` degrees
+(in pixel space, about the centre), and applies them as one affine resampling (bilinear,
+reflected at the borders, in float32). Features that survive small moves are
 what a natural image has; patterns that only fit one pixel grid are discouraged. Off by
 default; ``python -m benchmarks.bench_prior --transforms`` measures whether it helps.
 """
@@ -10,7 +11,7 @@ default; ``python -m benchmarks.bench_prior --transforms`` measures whether it h
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,20 +36,41 @@ class RandomTransforms:
                 f"transforms jitter={self.jitter}, scale={self.scale}, rotate={self.rotate}"
                 " are not valid", "use jitter >= 0, rotate >= 0 and 0 < scale[0] <= scale[1]")
 
-    def __call__(self, image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """``image`` (B, C, H, W) moved by one random affine map per image (differentiable)."""
+    def __call__(self, image: torch.Tensor, rngs: Sequence[torch.Generator]) -> torch.Tensor:
+        """``image`` (B, C, H, W) moved by one random affine map per image (differentiable),
+        image i's drawn from ``rngs[i]``: alone or in a batch, an image moves alike."""
         b, _, h, w = image.shape
-        u = torch.rand(b, 4, generator=rng, dtype=torch.float64) * 2 - 1  # [-1, 1)
+        if len(rngs) != b:
+            raise ValueError(f"{len(rngs)} random generators for {b} images")
+        u = torch.cat([torch.rand(1, 4, generator=r, dtype=torch.float64) for r in rngs]) * 2 - 1
         lo, hi = self.scale
         zoom = lo + (hi - lo) * (u[:, 0] + 1) / 2
         angle = u[:, 1] * math.radians(self.rotate)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        # affine_grid maps output to input coordinates in [-1, 1]: a shift of d pixels is 2d/size
-        theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * self.jitter * 2 / w], 1),
-                             torch.stack([sin, cos, u[:, 3] * self.jitter * 2 / h], 1)], 1)
-        theta = theta.to(image)
+        return warp(image, affine_theta(zoom, angle, u[:, 2] * self.jitter,
+                                        u[:, 3] * self.jitter, (h, w)))
+
+
+def affine_theta(zoom: torch.Tensor, angle: torch.Tensor, shift_x: torch.Tensor,
+                 shift_y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``affine_grid``'s (B, 2, 3) map (output to input, coordinates in [-1, 1]) of a
+    rotation by ``angle`` (radians) and a zoom about the image centre, then a shift in
+    pixels, all in pixel space: on a non-square image the normalised coordinates scale x
+    and y differently, so the rotation's off-diagonal terms carry the aspect ratio (without
+    it a rotation is also a shear)."""
+    h, w = size
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    return torch.stack([torch.stack([cos, -sin * h / w, shift_x * 2 / w], 1),
+                        torch.stack([sin * w / h, cos, shift_y * 2 / h], 1)], 1)
+
+
+def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``image`` resampled through ``theta`` (bilinear, reflected at the borders). Geometry
+    and sampling run in float32 whatever the autocast: in bfloat16 the grid's coordinates
+    would be off by up to 0.6 px at 224 px."""
+    with torch.autocast(image.device.type, enabled=False):
+        theta = theta.to(device=image.device, dtype=torch.float32)
         grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection",
+        return F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="reflection",
                              align_corners=False)
 
 
