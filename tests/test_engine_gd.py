@@ -176,9 +176,10 @@ def test_icnn_gd_jitter_rolls_image_and_momentum(monkeypatch):
     calls = []
     original = optim_mod._roll_
 
-    def recording_roll(param, opt, ox, oy):
-        calls.append((ox, oy))
-        return original(param, opt, ox, oy)
+    def recording_roll(param, opt, shifts):
+        (shift,) = shifts  # one image: one offset
+        calls.append(shift)
+        return original(param, opt, shifts)
 
     monkeypatch.setattr(optim_mod, "_roll_", recording_roll)
     targets = tiny_targets(seed=1)
@@ -284,18 +285,21 @@ def test_shift_rolls_image_and_every_same_shaped_state(opt_name):
     assert rolled_keys  # momentum_buffer / exp_avg, exp_avg_sq
     x0 = param.value.detach().clone()
     steps = GDSteps(normalize_grad=False, jitter=3)
-    rng = torch.Generator().manual_seed(7)
+    rngs = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
     seen = []
+
+    def rolled(x: torch.Tensor, shifts) -> np.ndarray:  # each image by its own offset
+        return np.stack([np.roll(np.roll(x[i].numpy(), ox, -1), oy, -2)
+                         for i, (ox, oy) in enumerate(shifts)])
+
     for _ in range(8):
-        shift = steps.shift(param, opt, rng)
-        ox, oy = shift
-        seen.append(shift)
-        assert -3 <= ox <= 3 and -3 <= oy <= 3
-        want = np.roll(np.roll(x0.numpy(), ox, -1), oy, -2)
-        np.testing.assert_array_equal(param.value.detach().numpy(), want)
+        shift = steps.shift(param, opt, rngs)
+        seen += shift
+        assert len(shift) == 2 and all(-3 <= v <= 3 for s in shift for v in s)
+        np.testing.assert_array_equal(param.value.detach().numpy(), rolled(x0, shift))
         for k in rolled_keys:
-            want_s = np.roll(np.roll(state0[k].numpy(), ox, -1), oy, -2)
-            np.testing.assert_array_equal(opt.state[param.value][k].numpy(), want_s)
+            np.testing.assert_array_equal(opt.state[param.value][k].numpy(),
+                                          rolled(state0[k], shift))
         for k, v in state0.items():
             if k not in rolled_keys:
                 assert torch.equal(opt.state[param.value][k], v)
@@ -309,7 +313,7 @@ def test_shift_rolls_image_and_every_same_shaped_state(opt_name):
 def test_no_jitter_means_no_shift():
     param = PixelImage(torch.randn(1, 3, 4, 4), MEAN_BGR)
     opt = torch.optim.SGD([param.value], lr=0.1, momentum=0.9)
-    assert GDSteps(jitter=0).shift(param, opt, torch.Generator()) is None
+    assert GDSteps(jitter=0).shift(param, opt, [torch.Generator()]) is None
 
 
 def test_jitter_run_is_finite():
