@@ -4,23 +4,31 @@
     python -m benchmarks.device_check --out /tmp/dc --device cpu --smoke   # CI, 1-2 min
 
 In order, each section with its own table (CSV in ``--out``) and one ``summary.md``:
-1. environment: device, driver, torch, CUDA and cuDNN versions;
-2. gpu_tests: the GPU-marked tests (``pytest -m gpu``; skipped without CUDA);
-3. main_command: ``train_recon.py`` on the demo with ``trainer=gpu`` (a few images, short
+1. fail_fast: "will anything fail": every method (``conf/method``) for 3 iterations in
+   float32, tf32 and bf16-mixed at batch 2 (1 for L-BFGS), one row per run, ~30 s on a
+   GPU, so that even a short device loan gives a yes or no;
+2. environment: device, driver, torch, CUDA and cuDNN versions;
+3. gpu_tests: the GPU-marked tests (``pytest -m gpu``; skipped without CUDA);
+4. main_command: ``train_recon.py`` on the demo with ``trainer=gpu`` (a few images, short
    budget), its results.csv;
-4. api_methods: all four methods through the Python API (``icnn_pl.icnn_gd`` ...);
-5. iteration: floor / icnn-pl / bdpy seconds per iteration at 224x224 with all 19 layers,
+5. api_methods: all four methods through the Python API (``icnn_pl.icnn_gd`` ...);
+6. iteration: floor / icnn-pl / bdpy seconds per iteration at 224x224 with all 19 layers,
    as the slope between a short and a longer run, with the fixed cost (set-up, Trainer,
    first-touch allocations) apart (``bench_iteration``'s candidates);
-6. batch: images per second at batch 1, 4, 16, 64 for icnn_gd and icnn_dgn_gd, until the
+7. batch: images per second at batch 1, 4, 16, 64 for icnn_gd and icnn_dgn_gd, until the
    memory runs out, with the peak GPU memory (slope and fixed cost per batch, throughput at
    the paper's 200 iterations);
-7. precision: float32 vs tf32 vs bf16-mixed, final loss and seconds per iteration of a
+8. precision: float32 vs tf32 vs bf16-mixed, final loss and seconds per iteration of a
    200-iteration reconstruction.
+A section is a function registered with ``@section("name")`` (run in registration order).
 A section that fails is reported and the next one runs; the exit status is 1 if any failed.
-Sections stop being started when the time budget (``--budget-s``) is spent. ``--smoke``
-runs every section reduced (32x32, 1-3 iterations, batches 1 and 2): a check of the
-script itself, with no meaningful figures.
+One hard wall-clock limit holds for the whole run (``--budget``, 480 s): when it is
+reached the running section is stopped (its child processes killed, an in-process section
+interrupted) and no other starts; every section writes its rows as it makes them, and the
+summary is rewritten after each section, so a timeout loses at most the unfinished rows of
+the running section. The device is selected before anything is timed. ``--smoke`` runs
+every section reduced (32x32, 1-3 iterations, batches 1 and 2): a check of the script
+itself, with no meaningful figures.
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ import functools
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +69,19 @@ from benchmarks.harness import (
     true_targets,
     write_csv,
 )
+from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.engine.params import TARGET_INIT
 
 GD_METHODS = ("icnn_gd", "icnn_dgn_gd")
 METHODS = ("icnn_gd", "icnn_lbfgs", "icnn_dgn_gd", "icnn_dgn_lbfgs")
 PRECISIONS = {"float32": {}, "tf32": {"tf32": True}, "bf16-mixed": {"precision": "bf16-mixed"}}
+BUDGET_S = 480.0  # the whole check, hard
+GRACE_S = 30.0  # past the budget, a section stuck in native code ends the process
+
+
+class BudgetSpent(BaseException):
+    """The check's wall-clock budget is spent (a BaseException: a section's own
+    ``except Exception`` must not swallow it)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,8 @@ class Plan:
     batch_short: int = 3
     batch_long: int = 10
     precision_iters: int = 200
+    fail_fast_iters: int = 3
+    fail_fast_batch: int = 2
     bdpy: bool = True
     layers: str = "all"  # a conf/layers option: all 19 layers of VGG19
     warmup: bool = True  # one uncounted round before the timed ones
@@ -99,15 +121,22 @@ class Check:
     out: Path
     device: str
     plan: Plan
-    budget_s: float
+    budget_s: float = BUDGET_S
+    argv: Sequence[str] = ()
     t0: float = field(default_factory=time.perf_counter)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)  # section -> ok / failed: ... / skipped
     encoder: Any = None  # built once, shared by every section
+    children: set[int] = field(default_factory=set)  # process groups of running children
+    running: str | None = None  # the section now running
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    @property
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed
 
     @property
     def cuda(self) -> bool:
@@ -115,9 +144,42 @@ class Check:
 
     def table(self, name: str, rows: list[dict[str, Any]]) -> None:
         self.tables[name] = rows
-        write_csv(rows, self.out / f"{name}.csv")
+        self._write(name)
         print(f"\n## {name}\n", flush=True)
         print_markdown(rows)
+
+    def row(self, name: str, row: dict[str, Any]) -> None:
+        """Add one row to table ``name`` and rewrite its CSV at once (a timeout keeps it)."""
+        self.tables.setdefault(name, []).append(row)
+        self._write(name)
+        print(row, flush=True)
+
+    def _write(self, name: str) -> None:
+        with atomic_path(self.out / f"{name}.csv") as tmp:
+            write_csv(self.tables[name], tmp)
+
+    def run_child(self, args: Sequence[str], log: Path, **kwargs: Any
+                  ) -> subprocess.CompletedProcess[str]:
+        """Run a child process (its own process group) until it ends or the budget is
+        spent; then the whole group is killed (its own children too) and ``BudgetSpent``
+        raised. Its output goes to ``log``."""
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True, **kwargs)
+            self.children.add(proc.pid)
+            try:
+                code = proc.wait(timeout=max(self.remaining, 0.0))
+            except subprocess.TimeoutExpired:
+                raise BudgetSpent from None
+            finally:
+                _kill_group(proc.pid)
+                self.children.discard(proc.pid)
+        return subprocess.CompletedProcess(args, code, log.read_text(), "")
+
+
+def _kill_group(pid: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 # -- the math of the timing tables -------------------------------------------------------------
@@ -137,6 +199,59 @@ def images_per_second(batch: int, per_iter: float, fixed: float, iters: int = 20
 
 
 # -- sections ----------------------------------------------------------------------------------
+SECTIONS: dict[str, Callable[[Check], None]] = {}
+
+
+def section(name: str) -> Callable[[Callable[[Check], None]], Callable[[Check], None]]:
+    """Register a section (run in registration order): its one line of registration."""
+    def register(fn: Callable[[Check], None]) -> Callable[[Check], None]:
+        SECTIONS[name] = fn
+        return fn
+    return register
+
+
+@section("fail_fast")
+def fail_fast(check: Check) -> None:
+    """Will anything fail? Every method, a few iterations, each precision, a batch of 2
+    (1 for L-BFGS, whose problems are one image each); one row per run, written at once."""
+    from icnn_pl.engine.lbfgsb import check_one_problem
+
+    p, bad = check.plan, []
+    for method in all_methods():
+        setup = _setup(check, method, p.fail_fast_iters)
+        init = str(setup.cfg.method.init)
+        if init.startswith(TARGET_INIT) and init[len(TARGET_INIT):] not in setup.layers:
+            setup = _setup(check, method, p.fail_fast_iters, ["layers=all"])  # dgn_direct: fc7
+        batch = p.fail_fast_batch
+        try:
+            check_one_problem(setup.recipe.optimizer, batch)
+        except Exception:
+            batch = 1
+        one = true_targets(check.encoder, setup.layers)
+        targets = {n: t.expand(batch, *t.shape[1:]).clone() for n, t in one.items()}
+        labels = [f"im{i}" for i in range(batch)]
+        for name, options in PRECISIONS.items():
+            row: dict[str, Any] = {"method": method, "precision": name, "batch": batch}
+            t0 = time.perf_counter()
+            try:
+                result = reconstruct(setup, targets, build={"labels": labels}, **options)
+                finite = bool(np.isfinite(result.images).all()
+                              and np.isfinite(result.loss_history).all())
+                row |= {"result": "ok" if finite else "NOT FINITE",
+                        "evaluations": result.n_evals}
+            except Exception as exc:  # recorded: every other run still goes
+                row["result"] = f"FAILED: {type(exc).__name__}: {_first_line(exc)}"
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            check.row("fail_fast", row)
+            if row["result"] != "ok":
+                bad.append(f"{method}/{name}")
+            _release(check)
+    print_markdown(check.tables["fail_fast"])
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(check.tables['fail_fast'])} runs failed: {bad}")
+
+
+@section("environment")
 def environment(check: Check) -> None:
     row = {"device": check.device, "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
@@ -164,14 +279,15 @@ def _driver_version() -> str:
         return "unknown"
 
 
+@section("gpu_tests")
 def gpu_tests(check: Check) -> None:
-    """``pytest -m gpu`` in a child process (skipped there without CUDA)."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    """``pytest -m gpu`` in a child process (skipped there without CUDA), on the check's GPU."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           **child_gpu_env(check.device)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-n", "0",
-                           "-p", "no:cacheprovider", "tests"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    (check.out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    proc = check.run_child([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-n", "0",
+                            "-p", "no:cacheprovider", "tests"], check.out / "gpu_tests.log",
+                           cwd=REPO, env=env)
     tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|deselected)",
                                                tail)}
@@ -184,6 +300,7 @@ def gpu_tests(check: Check) -> None:
                            f" {check.out / 'gpu_tests.log'}")
 
 
+@section("main_command")
 def main_command(check: Check) -> None:
     """``python train_recon.py`` on the demo, as a user runs it (a child process)."""
     p = check.plan
@@ -194,11 +311,10 @@ def main_command(check: Check) -> None:
             "logger=csv", "progress=false", f"data.root={check.out / 'demo'}",
             f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "train_recon.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    print("python train_recon.py " + " ".join(args), flush=True)
+    proc = check.run_child([sys.executable, "train_recon.py", *args],
+                           check.out / "main_command.log", cwd=REPO)
     wall = time.perf_counter() - t0
-    (check.out / "main_command.log").write_text(
-        "python train_recon.py " + " ".join(args) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"train_recon.py failed (exit {proc.returncode}); see"
                            f" {check.out / 'main_command.log'}")
@@ -212,6 +328,7 @@ def main_command(check: Check) -> None:
         raise RuntimeError(f"train_recon.py wrote {len(results)} results, not {p.main_images}")
 
 
+@section("api_methods")
 def api_methods(check: Check) -> None:
     """The four methods through the Python API, on the check's device."""
     from icnn_pl import icnn_dgn_gd, icnn_dgn_lbfgs, icnn_gd, icnn_lbfgs
@@ -229,28 +346,27 @@ def api_methods(check: Check) -> None:
         "icnn_dgn_lbfgs": lambda: icnn_dgn_lbfgs.reconstruct_image(
             feats, gd.encoder, dgn.generator, maxiter=p.api_iters),
     }
-    rows, bad = [], []
+    bad = []
     for name, call in calls.items():
         sync()
         t0 = time.perf_counter()
         image, losses = call()[:2]
         sync()
         ok = bool(np.isfinite(image).all() and np.isfinite(losses).all())
-        rows.append({"method": name, "evaluations": len(losses),
-                     "seconds": round(time.perf_counter() - t0, 3),
-                     "first_loss": float(losses[0]), "final_loss": float(losses[-1]),
-                     "finite": ok})
+        check.row("api_methods", {"method": name, "evaluations": len(losses),
+                                  "seconds": round(time.perf_counter() - t0, 3),
+                                  "first_loss": float(losses[0]),
+                                  "final_loss": float(losses[-1]), "finite": ok})
         if not ok:
             bad.append(name)
-    check.table("api_methods", rows)
     if bad:
         raise RuntimeError(f"non-finite results from {bad}")
 
 
+@section("iteration")
 def iteration(check: Check) -> None:
     """Seconds per iteration (slope) and fixed seconds of floor, icnn-pl and bdpy."""
     p = check.plan
-    rows = []
     for method in GD_METHODS:
         setups = {n: _setup(check, method, n) for n in (p.short, p.long)}
         targets = true_targets(check.encoder, setups[p.short].layers)
@@ -270,14 +386,13 @@ def iteration(check: Check) -> None:
         row["icnn-pl_over_floor"] = round(row["icnn-pl_s_per_iter"] / row["floor_s_per_iter"], 3)
         if p.bdpy:
             row["bdpy_over_icnn-pl"] = round(row["bdpy_s_per_iter"] / row["icnn-pl_s_per_iter"], 3)
-        rows.append(row)
-    check.table("iteration", rows)
+        check.row("iteration", row)
 
 
+@section("batch")
 def batch(check: Check) -> None:
     """Images per second against batch size, until the device's memory runs out."""
     p = check.plan
-    rows = []
     for method in GD_METHODS:
         setups = {n: _setup(check, method, n) for n in (p.batch_short, p.batch_long)}
         targets = true_targets(check.encoder, setups[p.batch_short].layers)
@@ -292,7 +407,7 @@ def batch(check: Check) -> None:
                     peak = max(peak, mem.peak_mb)
             except torch.OutOfMemoryError:
                 row["result"] = "out of memory"
-                rows.append(row)
+                check.row("batch", row)
                 _release(check)
                 break
             per_iter, fixed = slope_and_fixed(p.batch_short, totals[p.batch_short],
@@ -300,16 +415,14 @@ def batch(check: Check) -> None:
             row |= {"s_per_iter": round(per_iter, 5), "fixed_s": round(fixed, 3),
                     "images_per_s_at_200_iter": round(images_per_second(b, per_iter, fixed), 4),
                     "peak_mb": round(peak), "result": "ok"}
-            rows.append(row)
-            print(row, flush=True)
+            check.row("batch", row)
             _release(check)
-    check.table("batch", rows)
 
 
+@section("precision")
 def precision(check: Check) -> None:
     """float32 vs tf32 vs bf16-mixed on the same targets and start."""
     p = check.plan
-    rows = []
     for method in GD_METHODS:
         setup = _setup(check, method, p.precision_iters)
         targets = true_targets(check.encoder, setup.layers)
@@ -321,19 +434,14 @@ def precision(check: Check) -> None:
             result = reconstruct(setup, targets, **options)
             sync()
             wall = time.perf_counter() - t0
-            rows.append({"method": method, "precision": name, "iterations": result.n_evals,
-                         "s_per_iter": round(wall / result.n_evals, 5),
-                         "final_loss": float(result.loss_history[0, -1])})
-    base = {r["method"]: r["final_loss"] for r in rows if r["precision"] == "float32"}
-    for r in rows:
-        r["loss_vs_float32"] = round(r["final_loss"] / base[r["method"]], 5)
-    check.table("precision", rows)
-
-
-SECTIONS: dict[str, Callable[[Check], None]] = {
-    "environment": environment, "gpu_tests": gpu_tests, "main_command": main_command,
-    "api_methods": api_methods, "iteration": iteration, "batch": batch, "precision": precision,
-}
+            final = float(result.loss_history[0, -1])
+            if name == "float32":
+                base = final
+            check.row("precision", {"method": method, "precision": name,
+                                    "iterations": result.n_evals,
+                                    "s_per_iter": round(wall / result.n_evals, 5),
+                                    "final_loss": final,
+                                    "loss_vs_float32": round(final / base, 5)})
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -342,15 +450,42 @@ def _total(candidate: Callable[..., float], setup: Any, targets: Any, n: int) ->
     return candidate(setup, targets, n) * n
 
 
-def _setup(check: Check, method: str, n_iter: int):
+def _setup(check: Check, method: str, n_iter: int, extra: Sequence[str] = ()):
     """``method``'s pipeline setup with ``n_iter`` iterations; one encoder for the check
     (built by the first call, ``check.encoder`` after that)."""
     size = check.plan.size
     setup = method_setup(method, n_iter, check.device,
                          [f"network.input_size=[{size},{size}]", f"layers={check.plan.layers}",
-                          *trainer_overrides(check.device)], check.encoder)
+                          *trainer_overrides(check.device), *extra], check.encoder)
     check.encoder = setup.encoder
     return setup
+
+
+def all_methods() -> list[str]:
+    """Every method the pipeline offers (``conf/method``)."""
+    return sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def child_gpu_env(device: str) -> dict[str, str]:
+    """The environment that shows a child process the check's GPU as its only one (the
+    GPU tests use the first GPU they see)."""
+    d = torch.device(device)
+    if d.type != "cuda" or d.index is None:
+        return {}
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[d.index] if d.index < len(visible) else str(d.index)}
+
+
+def select_device(device: str) -> None:
+    """Make ``device`` the current CUDA device before anything is timed: the harness's
+    synchronisation and peak-memory readings act on the current device."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
 
 
 def _release(check: Check) -> None:
@@ -358,38 +493,96 @@ def _release(check: Check) -> None:
         torch.cuda.empty_cache()
 
 
-def write_summary(check: Check, argv: Sequence[str]) -> Path:
-    """``summary.md``: the command, each section's status and table."""
+def write_summary(check: Check) -> Path:
+    """``summary.md`` (atomically): the command, each section's status and table."""
     smoke = " (smoke: reduced sizes, not figures)" if check.plan is SMOKE else ""
     lines = ["# icnn-pl device check", "",
-             f"`python -m benchmarks.device_check {' '.join(argv)}`: {check.elapsed:.0f} s{smoke}",
+             f"`python -m benchmarks.device_check {' '.join(check.argv)}`:"
+             f" {check.elapsed:.0f} s of a {check.budget_s:.0f} s budget{smoke}",
              "", "| section | status |", "|---|---|"]
     lines += [f"| {name} | {status} |" for name, status in check.status.items()]
     for name, rows in check.tables.items():
         lines += ["", f"## {name}", "", markdown(rows)]
     path = check.out / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
+@contextmanager
+def _alarm_at_budget(check: Check) -> Iterator[None]:
+    """Interrupt the running section (``BudgetSpent``) when the budget is spent: a signal
+    to this (main) thread, which Python delivers between two bytecodes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: the watchdog alone then
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if check.running is not None:
+            raise BudgetSpent
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, max(check.remaining, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _watchdog(check: Check, finished: threading.Event) -> None:
+    """The hard end: a section stuck in native code past budget + ``GRACE_S`` (where the
+    alarm cannot reach it) gets its children killed, the summary written, the process
+    ended (exit status 3)."""
+    if finished.wait(max(check.remaining, 0.0) + GRACE_S):
+        return
+    for pid in list(check.children):
+        _kill_group(pid)
+    if check.running is not None:
+        check.status[check.running] = (f"KILLED: stuck {GRACE_S:.0f} s past the"
+                                       f" {check.budget_s:.0f} s budget (rows so far kept)")
+    try:
+        path = write_summary(check)
+        print(f"\n{path}: killed at the budget", flush=True)
+    finally:
+        os._exit(3)
+
+
 def run(check: Check, sections: Sequence[str]) -> bool:
-    ok = True
-    for name in sections:
-        if check.elapsed > check.budget_s:
-            check.status[name] = f"skipped: time budget ({check.budget_s:.0f} s) spent"
-            continue
-        t0 = time.perf_counter()
-        print(f"\n== {name} ({check.elapsed:.0f} s in)", flush=True)
-        try:
-            SECTIONS[name](check)
-            check.status[name] = f"ok ({time.perf_counter() - t0:.0f} s)"
-        except Exception as exc:  # reported; the next section still runs
-            ok = False
-            traceback.print_exc()
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            check.status[name] = f"FAILED: {first}"
-            _release(check)
+    """Run ``sections`` in order within the budget; the summary is rewritten after each."""
+    ok, finished = True, threading.Event()
+    threading.Thread(target=_watchdog, args=(check, finished), daemon=True).start()
+    try:
+        with _alarm_at_budget(check):
+            for name in sections:
+                ok = _run_section(check, name) and ok
+                write_summary(check)
+    finally:
+        finished.set()
     return ok
+
+
+def _run_section(check: Check, name: str) -> bool:
+    if check.remaining <= 0:
+        check.status[name] = f"skipped: the {check.budget_s:.0f} s budget is spent"
+        return False
+    t0 = time.perf_counter()
+    print(f"\n== {name} ({check.elapsed:.0f} s in, {check.remaining:.0f} s left)", flush=True)
+    try:
+        check.running = name
+        SECTIONS[name](check)
+        check.status[name] = f"ok ({time.perf_counter() - t0:.0f} s)"
+        return True
+    except BudgetSpent:
+        check.status[name] = (f"KILLED at the {check.budget_s:.0f} s budget after"
+                              f" {time.perf_counter() - t0:.0f} s (rows so far kept)")
+        print(f"\n{name}: killed at the budget", flush=True)
+    except Exception as exc:  # reported; the next section still runs
+        traceback.print_exc()
+        check.status[name] = f"FAILED: {_first_line(exc)}"
+    finally:
+        check.running = None
+        _release(check)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,21 +593,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="cuda (default), cuda:i or cpu: never chosen by itself")
     parser.add_argument("--smoke", action="store_true", help="every section, reduced")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
-    parser.add_argument("--budget-s", type=float, default=450.0,
-                        help="start no section after this many seconds (default: 7.5 min)")
+    parser.add_argument("--budget", "--budget-s", dest="budget", type=float, default=BUDGET_S,
+                        help="hard wall-clock limit of the whole check, seconds (default: 480)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no usable CUDA GPU"
                      " (use --device cpu)")
+    select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    check = Check(args.out.resolve(), args.device, SMOKE if args.smoke else FULL, args.budget_s)
+    check = Check(args.out.resolve(), args.device, SMOKE if args.smoke else FULL, args.budget,
+                  argv)
     ok = run(check, args.sections)
-    summary = write_summary(check, argv)
-    print(f"\n{summary}: {'all sections ok' if ok else 'SOME SECTIONS FAILED'}"
+    summary = write_summary(check)
+    print(f"\n{summary}: {'all sections ok' if ok else 'SOME SECTIONS FAILED OR STOPPED'}"
           f" in {check.elapsed:.0f} s", flush=True)
     return 0 if ok else 1
 
