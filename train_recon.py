@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from icnn_pl.engine.fit import deterministic_cublas
 from icnn_pl.errors import IcnnError
 from icnn_pl.pipeline.devices import pin_job_gpu, remember_host_gpus
 from icnn_pl.pipeline.factory import build_job, register_resolvers
@@ -36,6 +37,8 @@ def main(cfg: DictConfig) -> float:
     group = hc.sweep.dir if in_sweep else None  # W&B: a sweep's runs side by side
     # before anything starts CUDA
     pin_job_gpu(cfg.data.get("shard", 0), cfg.data.get("num_shards", 1), hc.job.get("num", 0))
+    if cfg.trainer.get("deterministic") is True:
+        deterministic_cublas()  # cuBLAS reads its workspace setting once, when CUDA starts
     try:
         job = build_job(cfg, run_dir, group=group)
     except IcnnError as exc:

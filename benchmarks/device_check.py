@@ -109,9 +109,10 @@ class Plan:
 FULL = Plan()
 # The smoke run checks the script, not the speed: the CPU time goes to the fc layers and
 # the generator whatever the image size, so it uses conv1-3 and 1-3 iterations.
+# (bf16 on a CPU is slow: the generator's bf16 passes took 20-70 s each with 3 iterations)
 SMOKE = Plan(size=32, main_images=1, main_iters=2, api_iters=2, short=1, long=2, repeats=1,
              batches=(1, 2), batch_short=1, batch_long=2, precision_iters=2, layers="conv1-3",
-             warmup=False)
+             warmup=False, fail_fast_iters=1)
 
 
 @dataclass
