@@ -512,3 +512,25 @@ def test_deterministic_config_with_transforms_is_refused_on_a_gpu(monkeypatch):
     check_config(compose_cfg(["trainer=cpu", *overrides]))  # the CPU repeats exactly
     with fake_cuda(monkeypatch), pytest.raises(ConfigError, match="deterministic"):
         check_config(compose_cfg(["trainer=gpu", *overrides]))
+
+
+def test_train_recon_sets_the_cublas_workspace_before_cuda_starts(monkeypatch, tmp_path):
+    """The entry point sets it before the job (networks, data) is built; the job is
+    stopped there (a Ctrl-C), having shown what it saw."""
+    from pipeline_helpers import TINY
+
+    from benchmarks.harness import run_train_recon
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    def build_job(*args, **kwargs):
+        seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("icnn_pl.pipeline.factory.build_job", build_job)
+    for deterministic in ("false", "true"):
+        with pytest.raises(RuntimeError, match="interrupted before any image"):
+            run_train_recon([*TINY, f"trainer.deterministic={deterministic}",
+                             f"hydra.run.dir={tmp_path / deterministic}"])
+    assert seen == [None, ":4096:8"]
