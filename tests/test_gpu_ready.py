@@ -284,10 +284,21 @@ def _fake_module(name: str, fake) -> Reconstruction:
 
 
 @pytest.mark.parametrize("options", NUMERICS, ids=str)
+@pytest.mark.parametrize("caller", ["highest", "medium"])  # the process's own setting
 def test_fake_cuda_fit_passes_lightnings_matmul_check_in_every_numerics_state(
-        monkeypatch, options):
+        monkeypatch, options, caller):
     """Lightning's ``CUDAAccelerator.setup_device`` reads the float32 matmul precision at
     every fit on an Ampere+ GPU: it must be readable whatever ``numerics`` set."""
+    torch.set_float32_matmul_precision(caller)
+    try:
+        _fit_reading_the_matmul_precision(monkeypatch, options, caller)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.fp32_precision = "none"  # torch's own start
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+def _fit_reading_the_matmul_precision(monkeypatch, options, caller):
     import pytorch_lightning.accelerators.cuda as pl_cuda
 
     get, real_check = torch.get_float32_matmul_precision, pl_cuda._check_cuda_matmul_precision
@@ -309,9 +320,9 @@ def test_fake_cuda_fit_passes_lightnings_matmul_check_in_every_numerics_state(
         fit(_fake_module("icnn_gd", fake), accelerator="gpu", devices=1, callbacks=[Probe()],
             **options)
     assert checked == [torch.device("cuda", 0)]
-    expected = {True: "high", False: "highest"}.get(options.get("tf32", False), get())
+    expected = {True: "high", False: "highest"}.get(options.get("tf32", False), caller)
     assert read == [expected, expected]  # Lightning's read, then the probe's
-    assert get() == "highest"  # restored after the fit
+    assert get() == caller  # restored after the fit
     torch.backends.cudnn.allow_tf32  # noqa: B018 (raises after a mix of the two APIs)
     torch.backends.cuda.matmul.allow_tf32  # noqa: B018
 
