@@ -163,8 +163,10 @@ class Check:
                   ) -> subprocess.CompletedProcess[str]:
         """Run a child process (its own process group) until it ends or the budget is
         spent; then the whole group is killed (its own children too) and ``BudgetSpent``
-        raised. Its output goes to ``log``."""
+        raised. Its command line and output go to ``log``."""
         with open(log, "w") as fh:
+            fh.write(" ".join(str(a) for a in args) + "\n")
+            fh.flush()
             proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True, **kwargs)
             self.children.add(proc.pid)
@@ -173,7 +175,9 @@ class Check:
             except subprocess.TimeoutExpired:
                 raise BudgetSpent from None
             finally:
-                _kill_group(proc.pid)
+                _kill_group(proc.pid)  # its own children too, whether it ended or not
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)  # reaped
                 self.children.discard(proc.pid)
         return subprocess.CompletedProcess(args, code, log.read_text(), "")
 
@@ -312,7 +316,6 @@ def main_command(check: Check) -> None:
             "logger=csv", "progress=false", f"data.root={check.out / 'demo'}",
             f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
-    print("python train_recon.py " + " ".join(args), flush=True)
     proc = check.run_child([sys.executable, "train_recon.py", *args],
                            check.out / "main_command.log", cwd=REPO)
     wall = time.perf_counter() - t0
