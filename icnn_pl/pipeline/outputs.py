@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icnn_pl.atomic import atomic_path, remove_stale_temps, write_text_atomic
+from icnn_pl.atomic import atomic_path, remove_stale_temps, temp_prefix, write_text_atomic
 from icnn_pl.data.matio import load_mat_dict, save_mat
 from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.image import display_image
@@ -37,7 +37,9 @@ def check_writable_dir(folder: str | Path, key: str = "hydra.run.dir") -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        # named like a temporary file: swept if the process is killed right here
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=temp_prefix("write-test"),
+                                         suffix=".tmp"):
             pass
     except OSError as exc:
         raise ConfigError(
