@@ -144,10 +144,11 @@ def _same_claim(path: Path, seen: Owner | None, seen_id: tuple | None) -> bool:
 class Claims:
     """The claims one process holds in ``folder`` (one per image, or a job-level lock)."""
 
-    def __init__(self, folder: str | os.PathLike, timeout: float = TIMEOUT_S,
-                 heartbeat: float = HEARTBEAT_S) -> None:
+    def __init__(self, folder: str | os.PathLike, timeout: float | None = None,
+                 heartbeat: float | None = None) -> None:
         self.folder = Path(folder)
-        self.timeout, self.heartbeat = float(timeout), float(heartbeat)
+        self.timeout = float(TIMEOUT_S if timeout is None else timeout)
+        self.heartbeat = float(HEARTBEAT_S if heartbeat is None else heartbeat)
         self._held: dict[str, str] = {}  # name -> token
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -262,12 +263,14 @@ class Claims:
         the name's takeover lock. False when another process holds that lock (a takeover
         in progress): the name is then left to it."""
         lock = path.with_name(path.name + TAKEOVER)
-        if self._create(lock) is None:
+        token = self._create(lock)
+        if token is None:
             holder, holder_id = _read_owner(lock), _identity(lock)
             if holder_id is None or not self._stale(lock, holder, TAKEOVER_TIMEOUT_S):
                 return holder_id is None  # gone: try again; held: a takeover is running
             self._remove_stale(lock, holder, holder_id)  # its holder died mid-takeover
             return True  # try again from the start
+        _HELD_HERE.add(token)  # live to the other Claims of this process
         try:
             pause("locked")
             if _same_claim(path, seen, seen_id):
@@ -277,6 +280,7 @@ class Claims:
             return True
         finally:
             lock.unlink(missing_ok=True)
+            _HELD_HERE.discard(token)
 
     @staticmethod
     def _remove_stale(path: Path, seen: Owner | None, seen_id: tuple) -> None:
