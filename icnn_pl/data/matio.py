@@ -119,11 +119,15 @@ _HEADER_BYTES = 4096  # inflated to read a compressed matrix's header (flags, di
 _CONTAINER_CLASSES = frozenset({1, 2, 3, 16, 17})
 _MAX_CONTAINER_BYTES = 64 << 20
 _SPARSE = 5
+_CLASS_NAMES = {1: "cell", 2: "struct", 3: "object", 16: "function", 17: "opaque"}
 _CHUNK = 1 << 20  # compressed bytes fed to the inflater per step
 
 
+Entry = tuple[str, tuple[int, ...], int]  # a v5 variable: name, dims, class (mxCELL ...)
+
+
 def _check_v5_structure(path: Path, keep: bool = False, only: str | None = None
-                        ) -> tuple[bytes | None, list[str]] | None:
+                        ) -> tuple[bytes | None, list[Entry]] | None:
     """Walk every data element tag of a MATLAB v5 file and raise ValueError at the first
     unknown type, size past its container, or size its matrix's dims cannot hold, before
     scipy reads it: a corrupt tag can crash scipy's reader instead of raising, and a size
@@ -133,9 +137,11 @@ def _check_v5_structure(path: Path, keep: bool = False, only: str | None = None
     which its dims bound (numbers: 8 bytes per element and part); without ``keep`` only
     their header is inflated (a cheap check, as ``mat_shape`` needs). With ``keep``: the
     file as an uncompressed v5 stream (header, then each element inflated) for scipy to
-    read without inflating it again, holding only variable ``only`` when given; and the
-    names of every variable. None when the file is not v5 (scipy gives those their
-    error). The file is mapped, not read (read where the file system cannot map it)."""
+    read without inflating it again, holding only variable ``only`` when given (else
+    None); and every variable's name, dims and class (as ``scipy.io.whosmat`` lists them,
+    but without inflating every variable as it does). None when the file is not v5
+    (scipy gives those their error). The file is mapped, not read (read where the file
+    system cannot map it)."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < 128:
@@ -151,8 +157,8 @@ def _check_v5_structure(path: Path, keep: bool = False, only: str | None = None
             if endian is None:
                 return None  # scipy refuses an unknown byte-order mark itself
             parts: list[bytes] = [buf[:128]]
-            names = _check_v5_variables(buf, endian, size, parts if keep else None, only)
-    return (b"".join(parts) if keep else None), names
+            entries = _check_v5_variables(buf, endian, size, parts if keep else None, only)
+    return (b"".join(parts) if keep else None), entries
 
 
 def _tag(buf: bytes | mmap.mmap, endian: str, pos: int, end: int
@@ -177,8 +183,8 @@ def _tag(buf: bytes | mmap.mmap, endian: str, pos: int, end: int
 
 
 def _matrix_header(buf: bytes | mmap.mmap, endian: str, start: int, end: int
-                   ) -> tuple[str, int, int | None]:
-    """(name, class, most bytes its contents can take) of the matrix whose contents are
+                   ) -> tuple[Entry, int | None]:
+    """((name, dims, class), most bytes its contents can take) of the matrix whose contents are
     ``buf[start:end]``: from its array flags, dims and name elements (None for cells,
     structs and objects, whose dims count matrices of any size)."""
     mtype, nbytes, body, pos = _tag(buf, endian, start, end)
@@ -195,36 +201,39 @@ def _matrix_header(buf: bytes | mmap.mmap, endian: str, start: int, end: int
     mtype, nbytes, body, pos = _tag(buf, endian, pos, end)
     name = bytes(buf[body:body + nbytes]).decode("latin-1")
     header = pos - start
+    entry = (name, tuple(dims), cls)
     if cls in _CONTAINER_CLASSES:  # bounded by the bytes present, or when inflated
-        return name, cls, None
+        return entry, None
     if cls == _SPARSE:  # row indices, column starts, values (and imaginary values)
         n = math.prod(dims[1:]) if len(dims) > 1 else 1
-        return name, cls, header + 16 + 4 * nzmax + 4 * (n + 1) + n_parts * (8 + 8 * nzmax) + 16
-    return name, cls, header + n_parts * (8 + 8 * math.prod(dims) + 8)
+        return entry, header + 16 + 4 * nzmax + 4 * (n + 1) + n_parts * (8 + 8 * nzmax) + 16
+    return entry, header + n_parts * (8 + 8 * math.prod(dims) + 8)
 
 
 def _check_v5_variables(buf: bytes | mmap.mmap, endian: str, end: int,
-                        parts: list[bytes] | None, only: str | None) -> list[str]:
+                        parts: list[bytes] | None, only: str | None) -> list[Entry]:
     """Check the file's variables (top-level elements); append each kept one to
-    ``parts`` as scipy reads it (a compressed one inflated); their names."""
-    names, pos = [], 128
+    ``parts`` as scipy reads it (a compressed one inflated); their entries."""
+    entries, pos = [], 128
     while pos < end:
         mtype, nbytes, body, nxt = _tag(buf, endian, pos, end)
+        entry: Entry | None = None
         if mtype == _MI_COMPRESSED:
-            name, element = _inflated_matrix(buf, endian, pos, body, nbytes,
-                                             full=parts is not None, only=only)
+            entry, element = _inflated_matrix(buf, endian, pos, body, nbytes,
+                                              full=parts is not None, only=only)
         elif mtype == _MI_MATRIX:
-            name, _, _ = _matrix_header(buf, endian, body, body + nbytes)
+            entry = _matrix_header(buf, endian, body, body + nbytes)[0]
             _check_matrix(buf, endian, pos, body, body + nbytes, 0)
             element = buf[pos:nxt]
         else:  # scipy skips other top-level elements (padding, subsystem data)
-            name, element = "", buf[pos:nxt]
-        if name:
-            names.append(name)
-        if parts is not None and element is not None and (only is None or name == only):
+            element = buf[pos:nxt]
+        if entry is not None and entry[0]:
+            entries.append(entry)
+        if parts is not None and element is not None and \
+                (only is None or (entry is not None and entry[0] == only)):
             parts.append(element)
         pos = nxt
-    return names
+    return entries
 
 
 def _check_matrix(buf: bytes | mmap.mmap, endian: str, pos: int, start: int, end: int,
@@ -233,7 +242,7 @@ def _check_matrix(buf: bytes | mmap.mmap, endian: str, pos: int, start: int, end
     can hold, and every element inside, nested matrices included."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"data elements nested more than {_MAX_DEPTH} deep")
-    _, cls, most = _matrix_header(buf, endian, start, end)
+    most = _matrix_header(buf, endian, start, end)[1]
     if most is not None and end - start > most:
         raise ValueError(f"matrix at byte {pos} declares {end - start} bytes; its"
                          f" dimensions hold at most {most}")
@@ -249,8 +258,8 @@ def _check_matrix(buf: bytes | mmap.mmap, endian: str, pos: int, start: int, end
 
 
 def _inflated_matrix(buf: bytes | mmap.mmap, endian: str, pos: int, body: int, nbytes: int,
-                     full: bool, only: str | None) -> tuple[str, bytes | None]:
-    """A compressed variable: (name, its matrix element inflated, or None when only its
+                     full: bool, only: str | None) -> tuple[Entry, bytes | None]:
+    """A compressed variable: (entry, its matrix element inflated, or None when only its
     header was needed). Inflation is streamed and stops at the size the matrix declares,
     which its header bounds: a file that inflates further, or declares more than its
     dims hold, is refused before the memory is taken."""
@@ -279,19 +288,19 @@ def _inflated_matrix(buf: bytes | mmap.mmap, endian: str, pos: int, body: int, n
     mtype, declared = struct.unpack_from(endian + "II", out, 0)
     if mtype != _MI_MATRIX:
         raise ValueError(f"compressed element at byte {pos} holds type {mtype}, not a matrix")
-    name, _, most = _matrix_header(out, endian, 8, len(out))
-    most = _MAX_CONTAINER_BYTES if most is None else most
+    entry, most = _matrix_header(out, endian, 8, len(out))
+    name, most = entry[0], _MAX_CONTAINER_BYTES if most is None else most
     if declared > most:
         raise ValueError(f"compressed matrix {name!r} at byte {pos} declares {declared}"
                          f" bytes; its dimensions hold at most {most}")
     if not full or (only is not None and name != only):
-        return name, None
+        return entry, None
     inflate(8 + declared + 1)  # one byte more: a stream that goes on is refused
     if len(out) != 8 + declared:
         raise ValueError(f"compressed matrix {name!r} at byte {pos} inflates to"
                          f" {len(out) - 8} bytes, not the {declared} it declares")
     _check_matrix(out, endian, pos, 8, 8 + declared, 0)
-    return name, bytes(out)
+    return entry, bytes(out)
 
 
 def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -317,9 +326,10 @@ def _read_all(path: Path, key: str | None) -> tuple[dict[str, np.ndarray], list[
                 sorted(name for name, _, _ in scipy.io.whosmat(os.fspath(path)))
             return out, names
         # the checked stream (each element inflated once, here; with a key, only its own)
-        inflated, names = checked
+        inflated, entries = checked
         raw = scipy.io.loadmat(io.BytesIO(inflated))
-        return {k: v for k, v in raw.items() if not k.startswith("__")}, sorted(names)
+        return ({k: v for k, v in raw.items() if not k.startswith("__")},
+                sorted(name for name, _, _ in entries))
     except Exception as exc:  # any reader failure means a bad file, whatever the class
         raise _read_failed(path, exc) from exc
 
@@ -377,11 +387,13 @@ def mat_shape(path: str | os.PathLike, key: str = "feat") -> tuple[int, ...]:
                     _check_hdf5_size(node)
                     return shape[::-1] if matlab_order or "MATLAB_class" in node.attrs else shape
         else:
-            _check_v5_structure(path)  # headers only: compressed bodies are not inflated
-            entries = scipy.io.whosmat(os.fspath(path))
+            # headers only: compressed bodies are not inflated (scipy.io.whosmat would)
+            checked = _check_v5_structure(path)
+            entries = [(n, d, _CLASS_NAMES.get(c, "")) for n, d, c in checked[1]] \
+                if checked is not None else scipy.io.whosmat(os.fspath(path))  # v4
             names = sorted(name for name, _, _ in entries)
             for name, shape, cls in entries:
-                if name == key and cls not in ("struct", "cell"):
+                if name == key and cls not in ("struct", "cell", "object"):
                     return tuple(int(d) for d in shape)
     except Exception as exc:  # any reader failure means a bad file, whatever the class
         raise _read_failed(path, exc) from exc
