@@ -174,3 +174,33 @@ def test_failed_write_leaves_nothing(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("writer crashed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_killed_writers_are_swept(tmp_path):
+    """#21 item 5: write probes, claim temporaries and takeover leftovers of dead writers
+    on this host, and other hosts' temporaries once they are a day old, are removed when
+    a job opens its outputs; a live writer's and a recent other-host file are kept."""
+    import subprocess
+    import sys
+    import time
+
+    from icnn_pl.atomic import _HOST
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "sub-01" / "VC"
+    out.mkdir(parents=True)
+    dead = [tmp_path / f".write-test.{_HOST}-{proc.pid}-k2j3h4.tmp",
+            out / f".recon_image-a.claim.{_HOST}-{proc.pid}-0a1b2c3d.tmp",
+            out / f".recon_image-a.claim.takeover.{_HOST}-{proc.pid}-0a1b2c3e.tmp",
+            out / ".recon_image-b.mat.node9-77-abcdef.tmp"]
+    kept = [out / f".recon_image-c.mat.{_HOST}-{os.getpid()}-abcdef.tmp",
+            out / ".recon_image-d.mat.node9-77-abcdef.tmp"]
+    for path in dead + kept:
+        path.write_text("x")
+    old = time.time() - 2 * 86400
+    os.utime(dead[-1], (old, old))
+    ReconOutputs(tmp_path, "sub-01", "VC")
+    assert [p.exists() for p in dead] == [False] * len(dead)
+    assert all(p.exists() for p in kept)
+    assert not list(tmp_path.glob(".write-test*"))
