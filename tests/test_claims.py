@@ -16,6 +16,7 @@ import time
 import pytest
 from pipeline_helpers import read_results, tiny_encoder, tiny_job
 
+from icnn_pl.pipeline import claims
 from icnn_pl.pipeline.claims import HOST, Claims
 from icnn_pl.pipeline.job import run_job
 from icnn_pl.pipeline.outputs import FAILURES
@@ -171,3 +172,164 @@ def test_shards_finishing_together_leave_complete_tables(encoder, tmp_path):
     assert list(info["failures"]) == ["img_d"]
     assert [r["label"] for r in read_results(tmp_path)[0]] == ["img_a", "img_b", "img_c"]
     assert not list(tmp_path.rglob("*.claim"))
+
+
+# -- takeovers with one winner, interleaved deterministically (#21 items 2-5) -----------------
+class Interleave:
+    """Stops the thread named ``who`` at claims' pause point ``point`` until ``go()``:
+    the test runs the other claimant in between."""
+
+    def __init__(self, monkeypatch, who: str, point: str) -> None:
+        self.who, self.point = who, point
+        self.reached, self.resume = threading.Event(), threading.Event()
+        monkeypatch.setattr(claims, "pause", self._pause)
+
+    def _pause(self, point: str) -> None:
+        if point == self.point and threading.current_thread().name == self.who \
+                and not self.reached.is_set():
+            self.reached.set()
+            assert self.resume.wait(20)
+
+    def go(self) -> None:
+        self.resume.set()
+
+
+def _in_thread(name: str, fn):
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), name=name)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("stale_claim", ["empty", "dead owner"])
+def test_a_takeover_never_removes_the_claim_a_racer_made_meanwhile(tmp_path, monkeypatch,
+                                                                   stale_claim):
+    """X judges the claim stale and is paused; Y takes it over and claims the image; X
+    goes on: it must leave Y's claim alone (before: it deleted it, both computed)."""
+    x, y = Claims(tmp_path, timeout=60), Claims(tmp_path, timeout=60)
+    path = x.path("img")
+    if stale_claim == "empty":  # its writer died between create and write
+        path.write_text("")
+        old = time.time() - 120
+        os.utime(path, (old, old))
+    else:
+        _write_claim(path, HOST, _dead_pid())
+    gate = Interleave(monkeypatch, "X", "stale")
+    tx, got_x = _in_thread("X", lambda: x.claim("img"))
+    assert gate.reached.wait(20)
+    assert y.claim("img") is None  # Y takes over and holds the image
+    gate.go()
+    tx.join(20)
+    assert got_x[0] is not None and got_x[0].token == y._held["img"]  # X: held by Y
+    assert y.holds("img")
+    y.close()
+    x.close()
+    assert list(tmp_path.iterdir()) == []  # nothing left: no claim, lock or moved file
+
+
+def test_a_racer_claim_being_written_is_left_alone(tmp_path, monkeypatch):
+    """Without hard links a new claim is briefly empty: X, paused after judging the old
+    claim stale, finds Y's claim half-written and leaves it to Y."""
+    import errno
+
+    real_link = os.link
+
+    def no_links(src, dst, *a, **kw):
+        if str(dst).endswith(".claim"):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "link", no_links)
+    x, y = Claims(tmp_path, timeout=60), Claims(tmp_path, timeout=60)
+    _write_claim(x.path("img"), HOST, _dead_pid())
+    gate_x = Interleave(monkeypatch, "X", "stale")
+    tx, got_x = _in_thread("X", lambda: x.claim("img"))
+    assert gate_x.reached.wait(20)
+    gate_y = Interleave(monkeypatch, "Y", "opened")  # Y's claim exists, still empty
+    ty, got_y = _in_thread("Y", lambda: y.claim("img"))
+    assert gate_y.reached.wait(20)
+    assert x.path("img").read_text() == ""
+    gate_x.go()  # X goes on while Y's claim is empty
+    tx.join(20)
+    gate_y.go()
+    ty.join(20)
+    assert got_y == [None] and got_x[0] is not None  # one winner: Y
+    assert y.holds("img")
+    y.close()
+    x.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_takeover_in_progress_keeps_others_out(tmp_path, monkeypatch):
+    """X holds the takeover lock (paused there); Y finds the same stale claim: it waits
+    its turn instead of taking over too."""
+    x, y = Claims(tmp_path, timeout=60), Claims(tmp_path, timeout=60)
+    _write_claim(x.path("img"), HOST, _dead_pid())
+    gate = Interleave(monkeypatch, "X", "locked")
+    tx, got_x = _in_thread("X", lambda: x.claim("img"))
+    assert gate.reached.wait(20)
+    assert y.claim("img") is not None  # left to the takeover in progress
+    gate.go()
+    tx.join(20)
+    assert got_x == [None] and x.holds("img")
+    x.close()
+    y.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dead_takeover_lock_is_removed(tmp_path):
+    c = Claims(tmp_path, timeout=60)
+    _write_claim(c.path("img"), HOST, _dead_pid())
+    _write_claim(tmp_path / (c.path("img").name + claims.TAKEOVER), HOST, _dead_pid())
+    assert c.claim("img") is None
+    c.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_claims_name_their_slurm_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    c = Claims(tmp_path)
+    assert c.claim("img") is None
+    data = json.loads(c.path("img").read_text())
+    assert data["slurm_task"] == "4242/4240/2" and data["restart"] == 3
+    c.close()
+
+
+@pytest.mark.parametrize(("task", "restart", "taken"), [
+    ("4242//", 0, True),  # this very task before its requeue, on a node that died
+    ("4242//", 1, False),  # this incarnation (another process of it): alive
+    ("999//", 0, False),  # another job: alive until its claim expires
+])
+def test_a_requeued_task_takes_over_its_earlier_claims_at_once(tmp_path, monkeypatch, task,
+                                                               restart, taken):
+    """#21 item 2: the dead node's claim is fresh (< timeout) and on another host."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    c = Claims(tmp_path)
+    c.path("img").write_text(json.dumps({"host": "node-that-died", "pid": 77, "started": "x",
+                                         "token": "old", "slurm_task": task,
+                                         "restart": restart}))
+    assert (c.claim("img") is None) == taken
+    c.close()
+
+
+def test_a_full_disk_while_claiming_leaves_no_claim_and_one_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    c = Claims(tmp_path)
+    with pytest.raises(claims.ClaimError) as err:
+        c.claim("img")
+    monkeypatch.undo()
+    assert "No space left on device" in err.value.problem and "\n" not in err.value.problem
+    assert err.value.fix and "free space" in err.value.fix
+    c.close()
+    assert list(tmp_path.iterdir()) == []

@@ -100,3 +100,44 @@ def test_a_loss_that_did_not_fall_is_warned_about(tmp_path, caplog, capsys):
     out = capsys.readouterr().out
     assert "WARNING: the loss did not fall for 2 image(s)" in out
     assert "img_a (iteration budget (3 iterations))" in out
+
+
+# -- the functional API warns too (#21 item 10) ---------------------------------------------
+def _own_features(encoder, layers=("c1", "c2")):
+    """Features of an image and the image: started from it, the loss is 0 and cannot fall."""
+    from icnn_pl.image import to_caffe
+
+    img = np.random.default_rng(5).uniform(0, 255, (*encoder.input_size, 3)).astype(np.float32)
+    encoder.set_layers(encoder.forward_order(list(layers)))
+    with torch.no_grad():
+        feats = encoder(to_caffe(img, encoder.mean_bgr))
+    return {k: v[0].numpy() for k, v in feats.items()}, img
+
+
+def test_functional_api_warns_once_per_call_when_the_loss_did_not_fall():
+    from icnn_pl import icnn_gd
+    from icnn_pl.engine.flat_loss import LossDidNotFallWarning
+
+    enc = tiny_encoder(0)
+    feats, img = _own_features(enc)
+    with pytest.warns(LossDidNotFallWarning) as got:
+        out, hist = icnn_lbfgs.reconstruct_image(feats, enc, initial_image=img, maxiter=5)
+    assert isinstance(out, np.ndarray) and isinstance(hist, np.ndarray)  # (image, loss_list)
+    flat = [w for w in got if issubclass(w.category, LossDidNotFallWarning)]
+    assert len(flat) == 1
+    assert "CONVERGENCE" in str(flat[0].message) and "1 evaluation" in str(flat[0].message)
+    assert flat[0].filename == __file__  # points at the user's call
+    with pytest.warns(LossDidNotFallWarning, match="iteration budget"):
+        icnn_gd.reconstruct_image(feats, enc, initial_image=img, iter_n=3, lr_start=0.0,
+                                  lr_end=0.0, image_blur=False)
+
+
+def test_functional_api_is_quiet_when_the_loss_fell():
+    import warnings
+
+    enc = tiny_encoder(0)
+    feats, _ = _own_features(enc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, hist = icnn_lbfgs.reconstruct_image(feats, enc, initial_image="uniform", maxiter=3)
+    assert hist[-1] < hist[0]

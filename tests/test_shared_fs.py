@@ -87,6 +87,7 @@ def _record_fsyncs(monkeypatch) -> list[str]:
 
 
 def test_data_then_directory_are_fsynced(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
     synced = _record_fsyncs(monkeypatch)
     target = tmp_path / "sub" / "out.txt"
     write_text_atomic(target, "hello")
@@ -94,6 +95,64 @@ def test_data_then_directory_are_fsynced(tmp_path, monkeypatch):
     assert Path(synced[0]).name.startswith(".out.txt.") and synced[0].endswith(".tmp")
     assert synced[1] == str(target.parent)  # the directory, after the rename
     assert target.read_text() == "hello"
+
+
+def test_new_parent_folders_are_fsynced(tmp_path, monkeypatch):
+    """#21 item 5: each folder the write creates is made durable in its parent."""
+    synced = _record_fsyncs(monkeypatch)
+    target = tmp_path / "a" / "b" / "out.txt"
+    write_text_atomic(target, "hello")
+    assert synced[:2] == [str(tmp_path), str(tmp_path / "a")], synced
+    assert synced[-1] == str(tmp_path / "a" / "b")
+
+
+_UMASK_222_CHILD = r"""
+import os, stat, sys
+from icnn_pl.atomic import write_text_atomic
+from icnn_pl.data.matio import save_mat
+import numpy as np
+import scipy.io, scipy.io.matlab  # imported before dropping to a user who cannot read them
+os.setgid(65534); os.setuid(65534)  # root ignores permissions: write as nobody
+os.umask(0o222)
+folder = sys.argv[1]
+write_text_atomic(os.path.join(folder, "a.txt"), "hello")
+save_mat(os.path.join(folder, "b.mat"), {"x": np.ones(3)})
+with open(os.path.join(folder, "plain.txt"), "w") as fh:  # what a plain write does here
+    fh.write("x")
+print(oct(stat.S_IMODE(os.stat(os.path.join(folder, "a.txt")).st_mode)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "setuid"), reason="POSIX only")
+def test_atomic_writes_work_under_umask_222():
+    """#21 item 6: a umask without owner write (0222) still lets atomic writes succeed,
+    as a plain open(path, "w") does there; the file gets 0444 like a plain one."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="icnn-umask-"))  # pytest's tmp is root-only
+    folder.chmod(0o777)
+    try:
+        _umask_222_child(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _umask_222_child(folder: Path) -> None:
+    import subprocess
+    import sys
+
+    code = _UMASK_222_CHILD if os.geteuid() == 0 else \
+        _UMASK_222_CHILD.replace("os.setgid(65534); os.setuid(65534)", "pass")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "0o444"
+    assert (folder / "a.txt").read_text() == "hello"
+    assert not list(folder.rglob("*.tmp"))
+    assert (folder / "b.mat").is_file()
 
 
 def test_directory_fsync_refused_is_tolerated(tmp_path, monkeypatch):
@@ -115,3 +174,33 @@ def test_failed_write_leaves_nothing(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("writer crashed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_killed_writers_are_swept(tmp_path):
+    """#21 item 5: write probes, claim temporaries and takeover leftovers of dead writers
+    on this host, and other hosts' temporaries once they are a day old, are removed when
+    a job opens its outputs; a live writer's and a recent other-host file are kept."""
+    import subprocess
+    import sys
+    import time
+
+    from icnn_pl.atomic import _HOST
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "sub-01" / "VC"
+    out.mkdir(parents=True)
+    dead = [tmp_path / f".write-test.{_HOST}-{proc.pid}-k2j3h4.tmp",
+            out / f".recon_image-a.claim.{_HOST}-{proc.pid}-0a1b2c3d.tmp",
+            out / f".recon_image-a.claim.takeover.{_HOST}-{proc.pid}-0a1b2c3e.tmp",
+            out / ".recon_image-b.mat.node9-77-abcdef.tmp"]
+    kept = [out / f".recon_image-c.mat.{_HOST}-{os.getpid()}-abcdef.tmp",
+            out / ".recon_image-d.mat.node9-77-abcdef.tmp"]
+    for path in dead + kept:
+        path.write_text("x")
+    old = time.time() - 2 * 86400
+    os.utime(dead[-1], (old, old))
+    ReconOutputs(tmp_path, "sub-01", "VC")
+    assert [p.exists() for p in dead] == [False] * len(dead)
+    assert all(p.exists() for p in kept)
+    assert not list(tmp_path.glob(".write-test*"))

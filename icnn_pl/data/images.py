@@ -50,12 +50,29 @@ class ImageFolder:
                 if min(im.size) < MIN_SIDE:
                     raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} pixels",
                                     f"use images of at least {MIN_SIDE}x{MIN_SIDE}")
+                _check_declared_size(path, im.size, len(im.getbands()))
             return load_rgb(path, self.size)
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"cannot read image {path}: {exc}",
                             "replace or remove the unreadable file") from exc
+
+
+# Decoding allocates the size the header declares; compressed pixels inflate at most
+# ~1032:1 (deflate), so a header declaring more than this times the file is a lie.
+MAX_INFLATION = 1100
+MAX_PIXELS = 100_000_000
+
+
+def _check_declared_size(path: Path, size: tuple[int, int], bands: int) -> None:
+    """Refuse an image whose header declares more pixels than its bytes can hold (or
+    than any stimulus has), before it is decoded."""
+    pixels = size[0] * size[1]
+    if pixels > MAX_PIXELS or pixels * bands > MAX_INFLATION * path.stat().st_size + 65536:
+        raise DataError(f"image {path} declares {size[0]}x{size[1]} pixels, more than its"
+                        f" {path.stat().st_size} bytes can hold: a damaged file",
+                        "replace or remove the file")
 
 
 class ImageFeatures:

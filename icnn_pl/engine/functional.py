@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from icnn_pl.engine.fit import device_trainer_args, fit
+from icnn_pl.engine.flat_loss import warn_if_flat
 from icnn_pl.engine.recipe import build_reconstruction
 from icnn_pl.engine.reconstruction import ReconResult
 from icnn_pl.engine.targets import expected_shapes, stack_targets
@@ -60,7 +61,8 @@ def reconstruct(
     logger: Any = False,
     **build_kwargs: Any,
 ) -> ReconResult:
-    """Validate ``features`` against ``net``, build the reconstruction, fit it, return it."""
+    """Validate ``features`` against ``net``, build the reconstruction, fit it, return it
+    (with its stop reason); warns (``LossDidNotFallWarning``) when the loss did not fall."""
     init = build_kwargs.get("init")
     if input_size is None and not isinstance(net, FeatureEncoder) and not isinstance(init, str) \
             and init is not None and np.ndim(init) == 3:
@@ -70,4 +72,7 @@ def reconstruct(
         raise DataError("no target features given", "pass a dict of layer name -> features")
     targets = stack_targets([features], expected_shapes(encoder, list(features)))
     module = build_reconstruction(targets, encoder, **build_kwargs)
-    return fit(module, logger=logger, **device_trainer_args(encoder.device))
+    result = fit(module, logger=logger, **device_trainer_args(encoder.device))
+    if module.n_iter > 0:  # stacklevel 4: the user's call of reconstruct_image
+        warn_if_flat(result.loss_history, result.stop_reason, stacklevel=4)
+    return result

@@ -21,6 +21,7 @@ files store it as (1, 1, out, in): leading 1s are dropped when shapes are compar
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ V1_TYPES = {4: "Convolution", 14: "InnerProduct", 39: "Deconvolution", 17: "Pool
 # blobs[i] -> torch parameter name
 BLOB_NAMES = ("weight", "bias")
 _CHUNK = 1 << 22  # numbers per step when unpacked data is scanned or copied
+_MAX_DIMS, _MAX_DIM = 32, (1 << 62) - 1  # a blob shape beyond these is a damaged file
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,11 @@ def _blob(buf: mmap.mmap, pos: int, end: int) -> BlobInfo:
             legacy[field - 1] = _varint(buf, start, stop)[0]
     dims = tuple(shape) if shape is not None else tuple(legacy)
     blob = BlobInfo(dims, tuple(segments))
-    if blob.count != int(np.prod(dims, dtype=np.int64)):
-        raise _Corrupt(pos, f"a blob holds {blob.count} values but its shape is {dims}")
+    # exact (Python) integers: a product that overflows int64 must not wrap to the count
+    if len(dims) > _MAX_DIMS or any(d > _MAX_DIM for d in dims) or \
+            blob.count != math.prod(dims):
+        raise _Corrupt(pos, f"a blob holds {blob.count} values but its shape is"
+                       f" {_fmt(dims) if len(dims) <= 8 else f'{len(dims)} dims'}")
     return blob
 
 

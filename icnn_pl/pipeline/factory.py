@@ -204,13 +204,18 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
     outputs = ReconOutputs(results_dir(run_dir, *shards), sub, cfg.roi)
     lg = cfg.logger
     name = "-".join(filter(None, (outputs.run_dir.name, shard_name(*shards))))
-    launch, log_dir = _launch_records(run_dir)
-    logger = make_logger(
-        lg.kind, log_dir, name=name, project=lg.get("project", "icnn-pl"),
-        group=lg.get("group") or group or cfg.method.name, mode=lg.get("mode", "offline"),
-        tags=plain(lg.get("tags")) or [cfg.method.name, sub, cfg.roi],
-        config=plain(cfg),
-    )
+    ident_layer = job_ident_layer(cfg, encoder)
+    launch, log_dir = _launch_records(run_dir)  # last: nothing after it may fail but this
+    try:
+        logger = make_logger(
+            lg.kind, log_dir, name=name, project=lg.get("project", "icnn-pl"),
+            group=lg.get("group") or group or cfg.method.name, mode=lg.get("mode", "offline"),
+            tags=plain(lg.get("tags")) or [cfg.method.name, sub, cfg.roi],
+            config=plain(cfg),
+        )
+    except BaseException:  # no launch claim (and heartbeat thread) left behind
+        launch.close()
+        raise
     return Job(datamodule=datamodule, encoder=encoder, recipe=recipe, outputs=outputs,
                method=cfg.method.name, subject=sub, roi=cfg.roi,
                trainer_args=plain(cfg.trainer),  # make_trainer's keyword arguments
@@ -218,7 +223,7 @@ def build_job(cfg: DictConfig, run_dir: str | Path, group: str | None = None) ->
                seed=int(cfg.seed), progress=bool(cfg.progress),
                snapshot_every=int(cfg.get("snapshot_every") or 0),
                feature_fit=bool(OmegaConf.select(cfg, "evaluation.feature_fit", default=True)),
-               ident_layer=job_ident_layer(cfg, encoder),
+               ident_layer=ident_layer,
                info={"layers": cfg.layers.name, "network": cfg.network.name,
                      "network_weights": cfg.network.weights, "data": cfg.data.name,
                      "optimizer": cfg.optimizer.name, "n_iter": recipe.n_iter,

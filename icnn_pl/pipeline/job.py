@@ -31,7 +31,7 @@ from icnn_pl.image import display_image
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline import loggers
 from icnn_pl.pipeline.claims import Claims, Owner
-from icnn_pl.pipeline.outputs import ReconOutputs, update_failures
+from icnn_pl.pipeline.outputs import ReconOutputs, read_failures, update_failures
 from icnn_pl.pipeline.progress import IterationProgress, Snapshots
 from icnn_pl.pipeline.report import JobSummary, Variables, result_row, write_report
 from icnn_pl.review.feature_fit import image_feature_fit, to_mat_vars
@@ -63,7 +63,17 @@ class Job:
 
 
 def run_job(job: Job) -> JobSummary:
-    """Run every pending image of the job, then score, summarise and log."""
+    """Run every pending image of the job, then score, summarise and log. Images another
+    launch holds are waited for at the end: the job returns with every image of its
+    shard finished or listed as failed."""
+    try:
+        return _run_job(job)
+    finally:  # also when it stops early: no launch claim, no heartbeat thread left
+        if job.launch is not None:
+            job.launch.close()
+
+
+def _run_job(job: Job) -> JobSummary:
     dm, out = job.datamodule, job.outputs
     if not dm.labels:  # build_job has set it up (labels listed); a hand-built Job not yet
         dm.setup("predict")
@@ -75,26 +85,71 @@ def run_job(job: Job) -> JobSummary:
                  len(done), len(dm.labels), out.dir)
     failures = _check_feature_headers(job, pending)
     pending = [lab for lab in pending if lab not in failures]
-    rows: dict[str, dict[str, Any]] = {}
-    trues: dict[str, np.ndarray | None] = {}  # true images of the batches run here, as loaded
-    bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
-               disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
-               dynamic_ncols=True)
-    claims, elsewhere = Claims(out.dir), {}  # label -> owner, for images another launch runs
-    redo = {lab for lab in pending if out.is_done(lab)}  # unreadable, or resume=false
-    with interrupt.deferred_sigint(), _long_lived_objects_frozen(), contextlib.closing(claims), \
-            contextlib.closing(job.launch) if job.launch else contextlib.nullcontext():
-        for batch in dm.predict_dataloader(pending):
+    run = _Run(job, images, failures, Claims(out.dir),
+               redo={lab for lab in pending if out.is_done(lab)})  # unreadable / resume=false
+    # claims of finished images whose launch was killed before it released them
+    run.claims.sweep_stale([_claim_name(lab) for lab in dm.labels if lab in images])
+    run.bar = tqdm(total=len(dm.labels), initial=len(done) + len(failures), unit="img",
+                   disable=not job.progress, desc=f"{job.method} {job.subject} {job.roi}",
+                   dynamic_ncols=True)
+    with interrupt.deferred_sigint(), _long_lived_objects_frozen(), \
+            contextlib.closing(run.claims):
+        run.batches(pending)
+        run.wait_for_others()
+        run.bar.close()
+        # one report at a time: the last to take the lock sees every finished image
+        with _report_lock(out):
+            every_failure = update_failures(out, failures)
+            unaccounted = [lab for lab in dm.labels
+                           if not out.is_done(lab) and lab not in every_failure]
+            if unaccounted:  # cannot happen by design: never exit 0 without them
+                lost = {lab: "not finished by any launch of the job (run it again)"
+                        for lab in unaccounted}
+                failures.update(lost)
+                every_failure = update_failures(out, lost)
+            return write_report(job, images, run.rows, failures, done,
+                                job_failures=every_failure, held_trues=run.trues)
+
+
+def _report_lock(out: ReconOutputs) -> contextlib.AbstractContextManager:
+    """The job's lock on its tables and ``failures.json`` (every shard and launch)."""
+    stack = contextlib.ExitStack()
+    tables = stack.enter_context(contextlib.closing(Claims(out.run_dir)))
+    stack.enter_context(tables.lock("report"))
+    return stack
+
+
+@dataclass
+class _Run:
+    """What one launch does with its shard's pending images: claim, reconstruct, record
+    failures at once (a launch waiting for an image sees them), wait for the others'."""
+
+    job: Job
+    images: dict[str, Variables]
+    failures: dict[str, str]
+    claims: Claims
+    redo: set[str]
+    elsewhere: dict[str, Owner] = field(default_factory=dict)  # label -> its live owner
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trues: dict[str, np.ndarray | None] = field(default_factory=dict)  # as loaded here
+    bar: Any = None
+
+    def batches(self, labels: list[str], count: bool = True) -> None:
+        """Claim and reconstruct ``labels``; ``count``: advance the progress bar (not
+        for images waited for: the first pass counted them)."""
+        job = self.job
+        for batch in job.datamodule.predict_dataloader(labels):
             interrupt.check()
-            n_labels, batch = len(batch.labels), _claimed(job, claims, batch, elsewhere, redo)
+            n_labels = len(batch.labels)
+            batch = _claimed(job, self.claims, batch, self.elsewhere, self.redo)
             try:
                 if isinstance(batch, FailedBatch):
                     raise batch.error
                 if batch is not None:
-                    for label, (variables, row) in _reconstruct(job, batch, len(rows),
-                                                                bar).items():
-                        images[label], rows[label] = variables, row
-                    trues.update(zip(batch.labels, batch.true_images, strict=True))
+                    for label, (variables, row) in _reconstruct(job, batch, len(self.rows),
+                                                                self.bar).items():
+                        self.images[label], self.rows[label] = variables, row
+                    self.trues.update(zip(batch.labels, batch.true_images, strict=True))
                 # The finished module and its Trainer reference each other: without this,
                 # each image's targets (~60 MB at 224 px, all layers) wait for Python's
                 # rare full collection and a long job's memory grows image by image.
@@ -102,23 +157,53 @@ def run_job(job: Job) -> JobSummary:
             except IcnnError as exc:
                 if job.fail_fast:
                     raise
-                for lab in batch.labels:
-                    failures[lab] = str(exc).splitlines()[0]
+                failed = {lab: str(exc).splitlines()[0] for lab in batch.labels}
+                for lab in failed:
                     log.error("image %s failed: %s", lab, exc)
+                self.failures.update(failed)
+                with _report_lock(job.outputs):  # listed before its claim is released
+                    update_failures(job.outputs, failed)
             finally:
                 for lab in [] if batch is None else batch.labels:
-                    claims.release(_claim_name(lab))
-            bar.update(n_labels)
-        bar.close()
-        if elsewhere:
-            log.info("%d image(s) were being reconstructed by another launch of this job (%s):"
-                     " left to it; whichever launch ends last writes the complete tables",
-                     len(elsewhere), "; ".join(sorted({str(o) for o in elsewhere.values()})))
-        # one report at a time: the last to take the lock sees every finished image
-        with contextlib.closing(Claims(out.run_dir)) as tables, tables.lock("report"):
-            every_failure = update_failures(out, failures, attempted=pending)
-            return write_report(job, images, rows, failures, done, job_failures=every_failure,
-                                held_trues=trues)
+                    self.claims.release(_claim_name(lab))
+            if count:
+                self.bar.update(n_labels)
+
+    def wait_for_others(self) -> None:
+        """Wait until each image another launch held is finished, or failed there, or
+        its claim went stale (then it is taken over and reconstructed here)."""
+        out, said = self.job.outputs, 0.0
+        t0 = time.monotonic()
+        while self.elsewhere:
+            if time.monotonic() - said >= WAIT_LOG_S:
+                log.info("waiting for %d image(s) that another launch of this job is"
+                         " reconstructing (%s)", len(self.elsewhere),
+                         "; ".join(sorted({str(o) for o in self.elsewhere.values()})))
+                said = time.monotonic()
+            for lab in list(self.elsewhere):
+                owner, took_over = self.claims.claim_verbose(_claim_name(lab))
+                if owner is not None:  # still running there
+                    self.elsewhere[lab] = owner
+                    continue
+                del self.elsewhere[lab]
+                listed = read_failures(out).get(lab)
+                self.claims.release(_claim_name(lab))
+                if took_over or (not out.is_done(lab) and listed is None):
+                    log.warning("image %s: its launch stopped without finishing it:"
+                                " reconstructing it here", lab)
+                    self.redo.discard(lab)
+                    self.batches([lab], count=False)
+                elif not out.is_done(lab):  # failed there: this shard's image failed
+                    self.failures[lab] = listed
+            if self.elsewhere:
+                interrupt.check()
+                time.sleep(WAIT_POLL_S)
+        if time.monotonic() - t0 > 1.0:
+            log.info("the images of the other launch(es) are accounted for")
+
+
+WAIT_POLL_S = 2.0  # how often a launch looks at the images another launch holds
+WAIT_LOG_S = 60.0
 
 
 def _claim_name(label: str) -> str:

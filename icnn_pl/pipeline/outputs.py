@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icnn_pl.atomic import atomic_path, remove_stale_temps, write_text_atomic
+from icnn_pl.atomic import atomic_path, remove_stale_temps, temp_prefix, write_text_atomic
 from icnn_pl.data.matio import load_mat_dict, save_mat
 from icnn_pl.errors import ConfigError, DataError
 from icnn_pl.image import display_image
@@ -37,7 +37,9 @@ def check_writable_dir(folder: str | Path, key: str = "hydra.run.dir") -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        # named like a temporary file: swept if the process is killed right here
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=temp_prefix("write-test"),
+                                         suffix=".tmp"):
             pass
     except OSError as exc:
         raise ConfigError(
@@ -98,26 +100,30 @@ class ReconOutputs:
 FAILURES = "failures.json"  # label -> reason, for every shard and launch of the job
 
 
-def update_failures(outputs: ReconOutputs, failures: Mapping[str, str],
-                    attempted: Sequence[str]) -> dict[str, str]:
+def update_failures(outputs: ReconOutputs, failures: Mapping[str, str]) -> dict[str, str]:
     """Merge this process's failed images into the job's ``failures.json`` and return the
-    job's failures: other shards' (and launches') entries are kept, except for images
-    this process tried again or that are finished now. Call it under the job's report
-    lock (``pipeline.claims``): read, merge and write are not atomic together."""
+    job's failures. Every other entry (other shards', other launches') is kept until its
+    image is finished: a failure is removed only by that image's success, never by a
+    launch that merely did not run the image. Call it under the job's report lock
+    (``pipeline.claims``): read, merge and write are not atomic together."""
+    merged = {lab: why for lab, why in read_failures(outputs).items()
+              if not outputs.is_done(lab)}
+    merged.update(failures)
+    path = outputs.run_dir / FAILURES
+    if merged or path.exists():
+        write_text_atomic(path, json.dumps(merged, indent=2))
+    return merged
+
+
+def read_failures(outputs: ReconOutputs) -> dict[str, str]:
+    """The job's ``failures.json`` (label -> reason); {} when absent or unreadable (it is
+    rebuilt from what the launches report from then on)."""
     path = outputs.run_dir / FAILURES
     try:
         known = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
-        known = {}  # unreadable: rebuilt from what the launches report from now on
-    if not isinstance(known, dict):
         known = {}
-    tried = set(attempted)
-    merged = {str(lab): str(why) for lab, why in known.items()
-              if lab not in tried and not outputs.is_done(str(lab))}
-    merged.update(failures)
-    if merged or path.exists():
-        write_text_atomic(path, json.dumps(merged, indent=2))
-    return merged
+    return {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else {}
 
 
 def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from icnn_pl.atomic import write_text_atomic
+from icnn_pl.engine.flat_loss import loss_fell
 from icnn_pl.image import display_image
 from icnn_pl.pipeline import loggers
 from icnn_pl.pipeline.outputs import RUN_INFO, write_table
@@ -48,13 +49,6 @@ def result_row(job: Job, label: str, history: np.ndarray, n_evals: int,
             "stop_reason": stop_reason,
             # None where nothing was optimised (dgn_direct): not a loss that failed to fall
             "loss_fell": loss_fell(history) if job.recipe.n_iter > 0 else None}
-
-
-def loss_fell(history: np.ndarray) -> bool:
-    """Whether any evaluation after the first had a lower loss: False is a reconstruction
-    that returned (nearly) its initial image, e.g. L-BFGS stopped after one evaluation."""
-    h = np.ravel(history)
-    return bool(h.size > 1 and np.nanmin(h[1:]) < h[0])
 
 
 def mat_text(value: Any) -> str:
