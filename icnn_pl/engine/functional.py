@@ -73,6 +73,8 @@ def reconstruct(
     targets = stack_targets([features], expected_shapes(encoder, list(features)))
     module = build_reconstruction(targets, encoder, **build_kwargs)
     result = fit(module, logger=logger, **device_trainer_args(encoder.device))
-    if module.n_iter > 0:  # stacklevel 4: the user's call of reconstruct_image
+    # a gradient method's history lacks the loss after its last step: one entry says
+    # nothing; L-BFGS-B after one evaluation took no step (stacklevel 4: the user's call)
+    if module.n_iter > 0 and (module.runs_to_completion or result.loss_history.shape[1] > 1):
         warn_if_flat(result.loss_history, result.stop_reason, stacklevel=4)
     return result
