@@ -29,7 +29,7 @@ from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import ARCHITECTURES
-from icnn_pl.nets.encoder import INPUT_SPACES
+from icnn_pl.nets.input_space import parse_input_space
 from icnn_pl.pipeline.data_sources import (
     DATA_SOURCES,
     DEMO_SOURCES,
@@ -154,16 +154,21 @@ def _check_layer_names(cfg: DictConfig) -> None:
 def _check_network(cfg: DictConfig) -> None:
     """network=custom: an importable module, a layer mapping, a known input space."""
     net = cfg.network
-    space = net.get("input_space", "caffe_bgr")
-    if space not in INPUT_SPACES:
-        raise ConfigError(f"network.input_space={space!r} is not valid",
-                          "use caffe_bgr (BGR 0-255 minus mean_bgr, Caffe-trained networks) or"
-                          " rgb_imagenet (RGB 0-1, ImageNet mean/std: torchvision models)")
+    space = plain(net.get("input_space", "caffe_bgr"))
+    try:
+        parse_input_space(space)
+    except ConfigError as exc:
+        raise ConfigError(f"network.input_space={space!r} is not valid: {exc.problem}",
+                          "use caffe_bgr (BGR 0-255 minus mean_bgr, Caffe-trained networks),"
+                          " rgb_imagenet (RGB 0-1, ImageNet mean/std: torchvision models),"
+                          " rgb_127_128 (RGB 0-255, (x-127)/128: TF Lite models) or"
+                          " {channels: rgb|bgr, range: 255|1, mean: [..], std: [..]}") from exc
     if net.arch in ARCHITECTURES:
         return
     if net.arch != CUSTOM:
+        encoders = [a for a, spec in ARCHITECTURES.items() if spec.layers]
         raise ConfigError(f"network.arch={net.arch!r} is not a network",
-                          f"use network=vgg19, vgg19_leaky or {CUSTOM}")
+                          f"use network={', '.join(encoders)} or {CUSTOM}")
     module = OmegaConf.select(net, "module", throw_on_missing=False)
     example = "network.module={_target_:icnn_pl.nets.examples.TinyResNet}"
     if not isinstance(module, DictConfig) or not isinstance(module.get("_target_"), str):
