@@ -199,3 +199,25 @@ def test_jobs_run_on_the_trained_network(tmp_path):
     assert list((tmp_path / "b").rglob("recon_image-*.png"))
     demo = list((tmp_path / "demo").iterdir())
     assert [d.name.split("-")[0] for d in demo] == ["efficientnet_lite0"]
+
+
+def test_a_network_without_the_preset_says_so():
+    cfg = _compose(["network=custom", "layers=shallow", "method=icnn_gd",
+                    "network.module={_target_:icnn_pl.nets.examples.TinyResNet}",
+                    "network.layer_mapping={stem:stem.0,block1:layer1}"])
+    with pytest.raises(ConfigError, match="network custom has no layer preset 'shallow'"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=r"input_size=\[260, 260\]: the generator's 256x256"):
+        check_config(_compose(["network=efficientnet_lite2", "method=icnn_dgn_gd"]))
+
+
+def test_custom_network_log_says_only_what_is_known(caplog):
+    from icnn_pl.pipeline.factory import build_custom_network
+
+    cfg = _compose(["network=custom", "network.module={_target_:icnn_pl.nets.examples.TinyResNet}",
+                    "network.layer_mapping={stem:stem.0}"])
+    with caplog.at_level("WARNING"):
+        build_custom_network(cfg)
+    assert "RANDOM" not in caplog.text
+    assert "keeps the parameters its factory icnn_pl.nets.examples.TinyResNet gave" \
+        in caplog.text

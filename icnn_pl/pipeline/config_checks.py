@@ -29,6 +29,7 @@ from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import ARCHITECTURES
+from icnn_pl.nets.generator import GENERATOR_SIZE
 from icnn_pl.nets.input_space import parse_input_space
 from icnn_pl.pipeline.data_sources import (
     DATA_SOURCES,
@@ -127,6 +128,15 @@ def _check_prior(cfg: DictConfig, factory: OptimizerFactory) -> None:
 
 
 def _check_layer_names(cfg: DictConfig) -> None:
+    preset = OmegaConf.to_container(cfg.layers, resolve=False).get("names")
+    if isinstance(preset, str) and preset.startswith("${network.layer_presets."):
+        name = preset.removeprefix("${network.layer_presets.").rstrip("}")
+        presets = OmegaConf.select(cfg, "network.layer_presets", default=None) or {}
+        if name not in presets:
+            raise ConfigError(f"layers={cfg.layers.name}: network {cfg.network.name} has no"
+                              f" layer preset {name!r}",
+                              f"use one of: {', '.join(presets) or 'mapped'}, or"
+                              " layers.names=[...]")
     names = plain(cfg.layers.names)
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
@@ -252,6 +262,11 @@ def _check_values(cfg: DictConfig) -> None:
     if not (isinstance(mean, list) and len(mean) == 3 and all(_plain_number(v) for v in mean)):
         raise ConfigError(f"network.mean_bgr={mean!r} must be three numbers (B, G, R)",
                           "set network.mean_bgr=[104.007,116.669,122.679] (paper) or [104,117,123]")
+    if m.param == "code" and max(size) > GENERATOR_SIZE:
+        raise ConfigError(f"network.input_size={size}: the generator's {GENERATOR_SIZE}x"
+                          f"{GENERATOR_SIZE} images are cropped to the network's input, which"
+                          " cannot be larger", f"set network.input_size=[224,224] (or up to"
+                          f" {GENERATOR_SIZE}) with {m.name}, or use a pixel method")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer", "set seed=0 (or any integer)")
     g = cfg.get("generator")
