@@ -8,7 +8,7 @@
   ``bench_trained``), pixel r under each image; for true features and for subject 1's
   simulated decoded features.
 - ``docs/prior_methods.png``: every method of ``bench_trained`` at the deep targets, where
-  the methods differ, true and decoded features.
+  the methods differ, for each kind of features whose images bench_trained saved.
 
 Images come from ``bench_trained --save-images`` (``<layers>-<features>.npz``) where that
 ran; a missing column is reconstructed here with the method's defaults and ``--iters``.
@@ -114,8 +114,12 @@ def main(argv: list[str] | None = None) -> None:
             (column, args.method, cell_images(args, base, encoder, network_id, column, source,
                                               [args.method])) for column in COLUMNS]))
         deep = cell_images(args, base, encoder, network_id, "deep", source, [])
-        method_blocks.append((f"{SOURCE_TITLES[source]}: layers=deep",
-                              [(m.replace(" + ", "\n+ "), m, deep) for m in methods]))
+        if all(f"{m}/{lab}" in deep for m in methods for lab in args.images):
+            method_blocks.append((f"{SOURCE_TITLES[source]}: layers=deep",
+                                  [(m.replace(" + ", "\n+ "), m, deep) for m in methods]))
+    if not method_blocks:
+        raise SystemExit(f"no layers=deep images of every method in {args.images_dir}: run"
+                         " bench_trained --save-images first")
     grid_figure(args.layers_out, layer_blocks, list(args.images))
     grid_figure(args.methods_out, method_blocks, list(args.images))
 
