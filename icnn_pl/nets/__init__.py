@@ -1,7 +1,8 @@
 """Frozen networks: encoders (read out at named layers) and image generators.
 
-A new network goes into ``ARCHITECTURES``: a constructor, its seeded initialisation and,
-for encoders, its feature-name -> module-path map.
+A new network goes into ``ARCHITECTURES``: a constructor, its seeded initialisation (or,
+for a trained network, where its weights are found by default), for encoders its
+feature-name -> module-path map and the input space it was trained on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 from torch import nn
 
 from icnn_pl.errors import ConfigError
+from icnn_pl.nets.efficientnet_lite import VARIANTS, EfficientNetLite, lite_layers, package_weights
 from icnn_pl.nets.encoder import FeatureEncoder, freeze
 from icnn_pl.nets.generator import Relu7Generator, center_crop, init_generator_
+from icnn_pl.nets.input_space import InputSpace
 from icnn_pl.nets.vgg import PAPER_MEAN_BGR, VGG19, VGG19_LAYERS, init_vgg_
 from icnn_pl.nets.weights import load_weights
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHITECTURES", "FeatureEncoder", "Relu7Generator", "build_encoder", "build_generator",
+    "default_weights",
     "build_network", "center_crop", "fingerprint", "freeze",
 ]
 
@@ -32,15 +36,33 @@ __all__ = [
 @dataclass(frozen=True)
 class Architecture:
     make: Callable[[], nn.Module]
-    init: Callable[[nn.Module, torch.Generator], None]
+    # seeded random weights (demo), used when no weight file is given ...
+    init: Callable[[nn.Module, torch.Generator], None] | None
     layers: dict[str, str] = field(default_factory=dict)
+    # ... unless the network has trained weights of its own to fall back on
+    default_weights: Callable[[], Path] | None = None
+    input_space: str = "caffe_bgr"
+
+
+def _lite(variant: str) -> Architecture:
+    return Architecture(lambda: EfficientNetLite(variant), None, lite_layers(variant),
+                        lambda: package_weights(variant), "rgb_127_128")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "vgg19": Architecture(VGG19, init_vgg_, VGG19_LAYERS),
     "vgg19_leaky": Architecture(lambda: VGG19(leaky=True), init_vgg_, VGG19_LAYERS),
     "relu7": Architecture(Relu7Generator, init_generator_),
+    **{variant: _lite(variant) for variant in VARIANTS},
 }
+
+
+def default_weights(arch: str, weights: str | Path | None) -> Path | None:
+    """``weights``, or the trained weights ``arch`` brings (None: seeded random weights)."""
+    spec = ARCHITECTURES.get(arch)
+    if weights is not None or spec is None or spec.default_weights is None:
+        return None if weights is None else Path(weights)
+    return spec.default_weights()
 
 
 def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
@@ -48,7 +70,9 @@ def build_network(arch: str, weights: str | Path | None = None, seed: int = 0) -
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown network {arch!r}", f"use one of: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
+    weights = default_weights(arch, weights)
     if weights is None:
+        assert spec.init is not None  # every architecture without weights of its own has one
         net = spec.make()
         spec.init(net, torch.Generator().manual_seed(seed))
         log.warning(
@@ -71,22 +95,26 @@ def build_encoder(
     seed: int = 0,
     *,
     layer_mapping: Mapping[str, str] | None = None,
-    input_space: str = "caffe_bgr",
+    input_space: str | Mapping | InputSpace | None = None,
 ) -> FeatureEncoder:
-    """A frozen encoder read out at its named layers (conv1_1 ... fc8 for VGG19).
+    """A frozen encoder read out at its named layers (conv1_1 ... fc8 for VGG19; stem,
+    block0 ..., head, pool, logits for ``efficientnet_lite0``, weights from its package).
 
     ``arch`` is a name of ``ARCHITECTURES`` or any ``nn.Module`` (a custom encoder: give
     ``layer_mapping``, and ``input_space="rgb_imagenet"`` for torchvision-style models);
     ``weights`` is then loaded into the module (a ``.caffemodel`` by layer name).
+    ``input_space`` None: the architecture's own (``caffe_bgr`` for a module).
     """
     if isinstance(arch, nn.Module):
         net = arch
         if weights is not None:
             load_weights(net, weights, type(net).__name__, layer_mapping)
-        return FeatureEncoder(net, layer_mapping, mean_bgr, input_size, input_space)
+        return FeatureEncoder(net, layer_mapping, mean_bgr, input_size,
+                              input_space or "caffe_bgr")
     net = build_network(arch, weights, seed)
     mapping = {**ARCHITECTURES[arch].layers, **(layer_mapping or {})}
-    return FeatureEncoder(net, mapping, mean_bgr, input_size, input_space)
+    return FeatureEncoder(net, mapping, mean_bgr, input_size,
+                          input_space or ARCHITECTURES[arch].input_space)
 
 
 def build_generator(

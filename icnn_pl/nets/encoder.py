@@ -15,9 +15,10 @@ this encoder is running, and all are removed when the encoder is garbage-collect
 ``remove_hooks()`` is called, so nothing accumulates on a module reused by many encoders.
 
 The image is always in Caffe space (BGR, 0-255, mean-subtracted), the space of every
-method, clip and evaluation here; a network trained on torchvision's input
-(``input_space="rgb_imagenet"``: RGB in [0, 1] normalised by the ImageNet mean and std)
-gets the image converted in the encoder's input step.
+method, clip and evaluation here; a network trained on another input (``input_space``:
+``rgb_imagenet`` for torchvision models, ``rgb_127_128`` for EfficientNet-Lite, or any
+channel order, range, mean and std: ``icnn_pl.nets.input_space``) gets the image converted
+in the encoder's input step, one per-channel multiply-add (and a channel flip for RGB).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ import torch
 from torch import nn
 
 from icnn_pl.errors import ConfigError, one_line
+from icnn_pl.nets.input_space import INPUT_SPACES, InputSpace, affine_tensors, parse_input_space
 
-# The network's input: Caffe space as is, or torchvision's normalised RGB.
-INPUT_SPACES = ("caffe_bgr", "rgb_imagenet")
-IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
-IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+__all__ = ["INPUT_SPACES", "FeatureEncoder", "InputSpace", "Tap", "freeze", "parse_tap"]
+
 _PATH_TOKEN = re.compile(r"\[\s*(-?\d+)\s*\]|([^.\[\]]+)|(\.)")
 # Messages of torch errors that mean the input is too small or of the wrong size.
 _SIZE_ERROR = re.compile(
@@ -157,9 +157,11 @@ class FeatureEncoder(nn.Module):
             bdpy's ``features[0]``). Module paths themselves are accepted as names too.
         mean_bgr: mean pixel of the image space (BGR, 0-255): the image is Caffe space.
         input_size: (H, W) the network expects.
-        input_space: ``"caffe_bgr"`` (the network takes the Caffe-space image, as VGG19
-            from the Caffe weights) or ``"rgb_imagenet"`` (torchvision models: the image
-            is turned into RGB in [0, 1] normalised by the ImageNet mean and std).
+        input_space: what the network takes: ``"caffe_bgr"`` (the Caffe-space image, as
+            VGG19 from the Caffe weights), ``"rgb_imagenet"`` (torchvision models: RGB in
+            [0, 1] normalised by the ImageNet mean and std), ``"rgb_127_128"``
+            (EfficientNet-Lite), a mapping ``{channels, range, mean, std}`` or an
+            ``InputSpace`` (``icnn_pl.nets.input_space``).
     """
 
     def __init__(
@@ -168,12 +170,10 @@ class FeatureEncoder(nn.Module):
         layer_mapping: Mapping[str, str] | None = None,
         mean_bgr: Sequence[float] = (104.0, 117.0, 123.0),
         input_size: tuple[int, int] = (224, 224),
-        input_space: str = "caffe_bgr",
+        input_space: str | Mapping | InputSpace = "caffe_bgr",
     ) -> None:
         super().__init__()
-        if input_space not in INPUT_SPACES:
-            raise ConfigError(f"unknown input space {input_space!r}",
-                              f"use one of: {', '.join(INPUT_SPACES)}")
+        self.space = space = parse_input_space(input_space)
         self.net = freeze(net)
         for m in self.net.modules():
             if getattr(m, "inplace", False):
@@ -181,7 +181,8 @@ class FeatureEncoder(nn.Module):
         self.layer_mapping = dict(layer_mapping or {})
         self.mean_bgr = tuple(float(v) for v in mean_bgr)
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.input_space = input_space
+        self.input_space = space.name
+        self._identity_input = space.is_identity(self.mean_bgr)
         self._layers: tuple[str, ...] = ()
         self._order_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._shape_cache: dict[str, tuple[int, ...]] = {}
@@ -310,17 +311,14 @@ class FeatureEncoder(nn.Module):
 
     def network_input(self, image: torch.Tensor) -> torch.Tensor:
         """The Caffe-space image as the network takes it (see ``input_space``)."""
-        if self.input_space == "caffe_bgr":
+        if self._identity_input:
             return image
         key = (image.device, image.dtype)
         if key not in self._space_consts:  # made once per device (no copy every pass)
-            kw = {"dtype": image.dtype, "device": image.device}
-            self._space_consts[key] = tuple(
-                torch.tensor(v, **kw).view(1, 3, 1, 1)
-                for v in (self.mean_bgr, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB))
-        mean_bgr, mean, std = self._space_consts[key]
-        rgb01 = (image + mean_bgr).flip(1) / 255.0
-        return (rgb01 - mean) / std
+            self._space_consts[key] = affine_tensors(self.space, self.mean_bgr, image)
+        scale, shift = self._space_consts[key]
+        x = torch.addcmul(shift, image, scale)
+        return x.flip(1) if self.space.channels == "rgb" else x
 
     # -- hooks -------------------------------------------------------------------------
     def _run(self, image: torch.Tensor, names: Sequence[str], stop_after: str | None,

@@ -26,6 +26,9 @@ _DECONV = (
 LEAK = 0.3
 
 
+GENERATOR_SIZE = 256  # side of the relu7 generator's images (cropped to the encoder's input)
+
+
 class Relu7Generator(nn.Module):
     """fc7 (relu7) -> 256x256 image generator, LeakyReLU(0.3) after every layer but the last."""
 

@@ -29,7 +29,8 @@ from icnn_pl.engine.schedules import check_n_iter
 from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError, one_line
 from icnn_pl.nets import ARCHITECTURES
-from icnn_pl.nets.encoder import INPUT_SPACES
+from icnn_pl.nets.generator import GENERATOR_SIZE
+from icnn_pl.nets.input_space import parse_input_space
 from icnn_pl.pipeline.data_sources import (
     DATA_SOURCES,
     DEMO_SOURCES,
@@ -129,6 +130,15 @@ def _check_prior(cfg: DictConfig, factory: OptimizerFactory) -> None:
 
 
 def _check_layer_names(cfg: DictConfig) -> None:
+    preset = OmegaConf.to_container(cfg.layers, resolve=False).get("names")
+    if isinstance(preset, str) and preset.startswith("${network.layer_presets."):
+        name = preset.removeprefix("${network.layer_presets.").rstrip("}")
+        presets = OmegaConf.select(cfg, "network.layer_presets", default=None) or {}
+        if name not in presets:
+            raise ConfigError(f"layers={cfg.layers.name}: network {cfg.network.name} has no"
+                              f" layer preset {name!r}",
+                              f"use one of: {', '.join(presets) or 'mapped'}, or"
+                              " layers.names=[...]")
     names = plain(cfg.layers.names)
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"layers.names={names} must be a non-empty list without repeats",
@@ -156,16 +166,21 @@ def _check_layer_names(cfg: DictConfig) -> None:
 def _check_network(cfg: DictConfig) -> None:
     """network=custom: an importable module, a layer mapping, a known input space."""
     net = cfg.network
-    space = net.get("input_space", "caffe_bgr")
-    if space not in INPUT_SPACES:
-        raise ConfigError(f"network.input_space={space!r} is not valid",
-                          "use caffe_bgr (BGR 0-255 minus mean_bgr, Caffe-trained networks) or"
-                          " rgb_imagenet (RGB 0-1, ImageNet mean/std: torchvision models)")
+    space = plain(net.get("input_space", "caffe_bgr"))
+    try:
+        parse_input_space(space)
+    except ConfigError as exc:
+        raise ConfigError(f"network.input_space={space!r} is not valid: {exc.problem}",
+                          "use caffe_bgr (BGR 0-255 minus mean_bgr, Caffe-trained networks),"
+                          " rgb_imagenet (RGB 0-1, ImageNet mean/std: torchvision models),"
+                          " rgb_127_128 (RGB 0-255, (x-127)/128: TF Lite models) or"
+                          " {channels: rgb|bgr, range: 255|1, mean: [..], std: [..]}") from exc
     if net.arch in ARCHITECTURES:
         return
     if net.arch != CUSTOM:
+        encoders = [a for a, spec in ARCHITECTURES.items() if spec.layers]
         raise ConfigError(f"network.arch={net.arch!r} is not a network",
-                          f"use network=vgg19, vgg19_leaky or {CUSTOM}")
+                          f"use network={', '.join(encoders)} or {CUSTOM}")
     module = OmegaConf.select(net, "module", throw_on_missing=False)
     example = "network.module={_target_:icnn_pl.nets.examples.TinyResNet}"
     if not isinstance(module, DictConfig) or not isinstance(module.get("_target_"), str):
@@ -249,6 +264,11 @@ def _check_values(cfg: DictConfig) -> None:
     if not (isinstance(mean, list) and len(mean) == 3 and all(_plain_number(v) for v in mean)):
         raise ConfigError(f"network.mean_bgr={mean!r} must be three numbers (B, G, R)",
                           "set network.mean_bgr=[104.007,116.669,122.679] (paper) or [104,117,123]")
+    if m.param == "code" and max(size) > GENERATOR_SIZE:
+        raise ConfigError(f"network.input_size={size}: the generator's {GENERATOR_SIZE}x"
+                          f"{GENERATOR_SIZE} images are cropped to the network's input, which"
+                          " cannot be larger", f"set network.input_size=[224,224] (or up to"
+                          f" {GENERATOR_SIZE}) with {m.name}, or use a pixel method")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer", "set seed=0 (or any integer)")
     g = cfg.get("generator")

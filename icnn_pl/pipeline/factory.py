@@ -31,7 +31,7 @@ from icnn_pl.engine.schedules import as_schedule
 from icnn_pl.engine.targets import expected_shapes
 from icnn_pl.engine.transforms import make_transforms
 from icnn_pl.errors import ConfigError, one_line
-from icnn_pl.nets import build_encoder, build_generator, fingerprint
+from icnn_pl.nets import build_encoder, build_generator, default_weights, fingerprint
 from icnn_pl.nets.encoder import FeatureEncoder
 from icnn_pl.pipeline.claims import HOST, Claims
 from icnn_pl.pipeline.config_checks import CUSTOM, check_config, optimizer_factory
@@ -81,8 +81,10 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
     """The encoder and an id of the network (architecture, weight file or seed)."""
     net = cfg.network
     weights = _weights_path(net.weights, "network.weights")
+    if net.arch != CUSTOM:  # a trained network's own weights (efficientnet_lite0's package)
+        weights = default_weights(net.arch, weights)
     size, mean = tuple(plain(net.input_size)), plain(net.mean_bgr)
-    input_space = net.get("input_space", "caffe_bgr")
+    input_space = plain(net.get("input_space", "caffe_bgr"))
     if net.arch == CUSTOM:
         mapping = plain(net.layer_mapping)
         encoder = build_encoder(build_custom_network(cfg), weights, mean, size,
@@ -98,6 +100,8 @@ def build_encoder_from_cfg(cfg: DictConfig) -> tuple[FeatureEncoder, str]:
     else:
         stat = weights.stat()
         network_id = f"{arch}|{weights.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    if net.arch != CUSTOM and input_space != "caffe_bgr":  # other inputs, other features
+        network_id += f"|{json.dumps(input_space, sort_keys=True)}"
     return encoder, network_id
 
 
@@ -119,9 +123,11 @@ def build_custom_network(cfg: DictConfig) -> nn.Module:
         raise ConfigError(f"network.module ({spec.get('_target_')}) gave a"
                           f" {type(module).__name__}, not a torch nn.Module",
                           "point _target_ at an nn.Module class or a function returning one")
-    if cfg.network.weights is None:
-        log.warning("network=custom: no weight file given, using the module's own RANDOM"
-                    " initialisation (seed %d)", cfg.seed)
+    if cfg.network.weights is None:  # a factory may have loaded weights: say what is known
+        log.warning("network=custom: no network.weights file given: the module keeps the"
+                    " parameters its factory %s gave it (trained only if the factory loads"
+                    " weights; a random initialisation is seeded by seed=%d)",
+                    spec.get("_target_"), cfg.seed)
     return module
 
 

@@ -1,4 +1,4 @@
-"""Image galleries and loss-curve plots drawn with Pillow (no matplotlib).
+"""Image galleries (Pillow) and loss-curve plots (matplotlib).
 
 ``make_gallery`` lays reconstructions out in a grid: one row per method / subject (e.g.
 ``"true"``, ``"icnn_gd sub-01"``), one column per image label, a caption under each cell
@@ -187,23 +187,56 @@ def loss_curves_image(
     curves: Mapping[str, np.ndarray | Sequence[float]],
     size: tuple[int, int] = (640, 400),
 ) -> Image.Image:
-    """Line plot of loss histories (x = iteration index), one coloured line per label.
+    """Line plot of loss histories (x = iteration index), one coloured line per label, drawn
+    with matplotlib (axes with ticks and a grid).
 
     The y axis is log10 when every finite value is positive, linear otherwise; NaN/inf
-    points are skipped (the line breaks there). Axes carry min/max tick labels. The legend
-    on the right lists up to :data:`MAX_LEGEND` lines, ending in "+N more" when there are
-    more curves (all curves are still drawn, colours cycle).
+    points are skipped (the line breaks there; a lone point is a dot). The legend on the
+    right lists up to :data:`MAX_LEGEND` lines, ending in "+N more" when there are more
+    curves (all curves are still drawn, colours cycle).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     width, height = int(size[0]), int(size[1])
     if width < 200 or height < 120:
         raise ConfigError(f"loss plot size {size} is too small", "use at least (200, 120)")
     series = _loss_series(curves)
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    plot = _LossPlot(ImageDraw.Draw(canvas), width, height, series)
-    for k, (_, v) in enumerate(series):
-        plot.line(v, PALETTE[k % len(PALETTE)])
-    plot.legend([label for label, _ in series])
-    return canvas
+    finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
+    log_y = finite.size > 0 and bool(np.all(finite > 0))
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    handles = []
+    for k, (label, v) in enumerate(series):
+        colour = tuple(c / 255 for c in PALETTE[k % len(PALETTE)])
+        y = np.where(np.isfinite(v), v, np.nan)
+        lone = np.isfinite(y) & ~np.isfinite(np.r_[np.nan, y[:-1]]) \
+            & ~np.isfinite(np.r_[y[1:], np.nan])
+        (line,) = ax.plot(np.arange(len(y)), y, color=colour, lw=1.5, label=label)
+        if lone.any():
+            ax.plot(np.flatnonzero(lone), y[lone], "o", color=colour, ms=3)
+        handles.append(line)
+    if log_y:
+        ax.set_yscale("log")
+    if finite.size == 0:
+        ax.text(0.05, 0.9, "no finite values", transform=ax.transAxes, color="#a00000")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (log scale)" if log_y else "loss")
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.tick_params(labelsize=8)
+    if len(handles) > MAX_LEGEND:
+        more = len(handles) - (MAX_LEGEND - 1)
+        handles = [*handles[: MAX_LEGEND - 1], Line2D([], [], color="none", label=f"+{more} more")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+              frameon=False)
+    fig.tight_layout()
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3])).resize((width, height))
 
 
 def _loss_series(curves: Mapping[str, np.ndarray | Sequence[float]]
@@ -220,69 +253,3 @@ def _loss_series(curves: Mapping[str, np.ndarray | Sequence[float]]
             )
         series.append((str(label), v))
     return series
-
-
-class _LossPlot:
-    """The axes of a loss plot (drawn on creation) and the mapping of values to pixels."""
-
-    def __init__(self, draw: ImageDraw.ImageDraw, width: int, height: int,
-                 series: Sequence[tuple[str, np.ndarray]]) -> None:
-        self.draw, self.font = draw, _font()
-        finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
-        self.log_y = finite.size > 0 and bool(np.all(finite > 0))
-        n_x = max(len(v) for _, v in series)
-        self.legend_w = min(180, width // 3)
-        self.x0, self.y0 = 64, 14
-        self.x1, self.y1 = width - self.legend_w - 12, height - 30
-        self.x_span = max(n_x - 1, 1)
-        x0, y0, x1, y1, font = self.x0, self.y0, self.x1, self.y1, self.font
-        draw.rectangle([x0, y0, x1, y1], outline=TEXT)
-        draw.text((x0, 1), "loss (log scale)" if self.log_y else "loss", fill=TEXT, font=font)
-        draw.text(((x0 + x1) // 2 - 20, height - 14), "iteration", fill=TEXT, font=font)
-        if finite.size == 0:
-            draw.text((x0 + 8, y0 + 8), "no finite values", fill=INVALID_TEXT, font=font)
-            lo = hi = 0.0
-        else:
-            t = np.log10(finite) if self.log_y else finite
-            lo, hi = float(t.min()), float(t.max())
-            for y, v in ((y0 - 5, finite.max()), (y1 - 6, finite.min())):
-                draw.text((4, y), _fit(draw, f"{float(v):.3g}", font, x0 - 8), fill=TEXT,
-                          font=font)
-        if hi - lo <= 0:
-            margin = max(abs(hi) * 0.05, 0.5)
-            lo, hi = lo - margin, hi + margin
-        self.ty_lo, self.ty_hi = lo, hi
-        draw.text((x0, y1 + 3), "0", fill=TEXT, font=font)
-        last = str(max(n_x - 1, 0))
-        draw.text((x1 - draw.textlength(last, font=font), y1 + 3), last, fill=TEXT, font=font)
-
-    def _to_px(self, i: np.ndarray, val: np.ndarray) -> list[tuple[float, float]]:
-        tv = np.log10(val) if self.log_y else val
-        px = self.x0 + 1 + (self.x1 - self.x0 - 2) * i / self.x_span
-        py = self.y1 - 1 - (self.y1 - self.y0 - 2) * (tv - self.ty_lo) / (self.ty_hi - self.ty_lo)
-        return list(zip(px.tolist(), py.tolist(), strict=True))
-
-    def line(self, v: np.ndarray, colour: tuple[int, int, int]) -> None:
-        """One curve, broken where values are not finite (a lone point is a dot)."""
-        idx = np.flatnonzero(np.isfinite(v))
-        if idx.size == 0:
-            return
-        for run in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1):
-            pts = self._to_px(run.astype(np.float64), v[run])
-            if len(pts) == 1:
-                (px, py) = pts[0]
-                self.draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            else:
-                self.draw.line(pts, fill=colour, width=2)
-
-    def legend(self, labels: Sequence[str]) -> None:
-        lx, ly, draw, font = self.x1 + 12, self.y0, self.draw, self.font
-        shown = labels if len(labels) <= MAX_LEGEND else labels[: MAX_LEGEND - 1]
-        for k, label in enumerate(shown):
-            yy = ly + k * 14
-            draw.line([(lx, yy + 6), (lx + 16, yy + 6)], fill=PALETTE[k % len(PALETTE)], width=3)
-            draw.text((lx + 20, yy), _fit(draw, label, font, self.legend_w - 24), fill=TEXT,
-                      font=font)
-        if len(labels) > len(shown):
-            draw.text((lx + 20, ly + len(shown) * 14), f"+{len(labels) - len(shown)} more",
-                      fill=TEXT, font=font)
