@@ -47,15 +47,28 @@ def dtype_of(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def bytes_per_unit(n_samples: int, n_voxels: int, n_test: int, k: int | None,
-                   itemsize: int) -> int:
-    """Working memory of one unit in a chunk: its training column, correlations and
-    ``X1'y`` column, a dense weight column, test predictions, and with selection the
-    gathered sub-Gram block, its Cholesky factor and the selection indices."""
-    per = n_samples + 3 * (n_voxels + 1) + n_test
+def units_per_chunk(n_samples: int, n_voxels: int, n_test: int, k: int | None,
+                    itemsize: int, budget_bytes: float) -> int:
+    """How many units a chunk may hold in ``budget_bytes`` beside the fixed arrays (Gram
+    matrix, its factor for plain ridge, training and test data); per unit: its training
+    column, correlations and ``X1'y`` column, a dense weight column, test predictions,
+    and with selection the sub-Gram block, its Cholesky factor and the indices. A
+    ConfigError, before any work, when not even one unit fits."""
+    v1 = n_voxels + 1
+    fixed = (v1 * v1 * (2 if k is None else 1) + (n_samples + n_test) * v1) * itemsize
+    per = n_samples + 3 * v1 + n_test
     if k is not None:
-        per += 2 * (k + 1) ** 2 + 2 * (k + 1) + (k + 1) * 2  # blocks, rhs/weights, int64 index
-    return per * itemsize
+        per += 2 * (k + 1) ** 2 + 4 * (k + 1)
+    per *= itemsize
+    size = int((budget_bytes - fixed) // per)
+    if size < 1:
+        raise ConfigError(
+            f"decoder.memory_gb={budget_bytes / 2**30:.3g}: a chunk does not fit (the Gram"
+            f" matrix and data of {n_voxels} voxels x {n_samples} samples take"
+            f" {fixed / 2**30:.3g} GB, each unit {per / 2**20:.3g} MB)",
+            f"raise decoder.memory_gb to at least {(fixed + 64 * per) / 2**30:.2f}, or use a"
+            " smaller ROI or k")
+    return size
 
 
 @dataclass
@@ -66,6 +79,8 @@ class ChunkFit:
     pred: torch.Tensor
     W: torch.Tensor
     b: torch.Tensor
+    index: torch.Tensor | None = None   # (units, k): the selected voxels, ascending
+    weight: torch.Tensor | None = None  # (units, k): their weights (W at those voxels)
 
 
 class TopKRidge:
@@ -109,19 +124,9 @@ class TopKRidge:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def chunk_size(self, memory_budget: float, n_units: int) -> int:
-        """Units per chunk that fit ``memory_budget`` bytes beside the fixed arrays; a
-        ConfigError when not even one unit fits."""
-        fixed = (self.G.numel() * (2 if self._chol is not None else 1) + self.X1.numel()
-                 + self.Xt1.numel()) * self.itemsize
-        per = bytes_per_unit(self.n, self.v, self.Xt1.shape[0], self.k, self.itemsize)
-        size = int((memory_budget - fixed) // per)
-        if size < 1:
-            raise ConfigError(
-                f"decoder.memory_gb={memory_budget / 2**30:.3g}: not even one unit fits (the"
-                f" Gram matrix and data take {fixed / 2**30:.3g} GB, each unit"
-                f" {per / 2**20:.3g} MB)",
-                f"raise decoder.memory_gb to at least {(fixed + 64 * per) / 2**30:.2f}")
-        return min(size, n_units)
+        """Units per chunk within ``memory_budget`` bytes (``units_per_chunk``)."""
+        return min(n_units, units_per_chunk(self.n, self.v, self.Xt1.shape[0], self.k,
+                                            self.itemsize, memory_budget))
 
     def fit_predict(self, Y: np.ndarray | torch.Tensor, y_mean: np.ndarray,
                     y_norm: np.ndarray) -> ChunkFit:
@@ -132,12 +137,14 @@ class TopKRidge:
         rhs_all = torch.cat([self.X1.T[:-1] @ Yz, Yz.sum(0, keepdim=True)], 0)  # X1'Y
         if self.k is None:
             W1 = torch.cholesky_solve(rhs_all, self._chol)  # (v + 1, c)
+            idx = w = None
         else:
-            W1 = self._select_solve(Yz, rhs_all)
+            W1, idx, w = self._select_solve(Yz, rhs_all)
         pred = (self.Xt1 @ W1) * yn + ym
-        return ChunkFit(pred=pred, W=W1[:-1], b=W1[-1])
+        return ChunkFit(pred=pred, W=W1[:-1], b=W1[-1], index=idx, weight=w)
 
-    def _select_solve(self, Yz: torch.Tensor, rhs_all: torch.Tensor) -> torch.Tensor:
+    def _select_solve(self, Yz: torch.Tensor, rhs_all: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, v, c = self.n, self.v, Yz.shape[1]
         # Pearson r = cov / (sx sy), cov from X'Y: the X'Y of the ridge's right-hand side
         ymean, ystd = Yz.mean(0), Yz.std(0, correction=1)
@@ -147,13 +154,28 @@ class TopKRidge:
         r[self._dead] = 0.0
         top = torch.topk(r.abs_(), self.k, dim=0).indices.T  # (c, k)
         idx = torch.cat([top, torch.full((c, 1), v, device=top.device, dtype=top.dtype)], 1)
-        blocks = self.G[idx[:, :, None], idx[:, None, :]]  # (c, k+1, k+1)
+        # sorted: rows of G are then read in order (the solution does not depend on the
+        # order of the variables; the bias, index v, stays last)
+        idx = idx.sort(1).values
+        blocks = gather_blocks(self.G, idx)
         rhs = rhs_all.T.gather(1, idx)  # (c, k+1)
         w = torch.cholesky_solve(rhs[:, :, None], _cholesky(blocks))[:, :, 0]
         del blocks
         W1 = torch.zeros(v + 1, c, device=w.device, dtype=w.dtype)
         W1.scatter_(0, idx.T, w.T)
-        return W1
+        return W1, idx[:, :-1], w[:, :-1]
+
+
+def gather_blocks(G: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``G[idx_u, idx_u]`` for every row ``idx_u`` of ``idx``: (c, k+1, k+1). On the CPU
+    row by row (a contiguous row copy, then a column gather: about twice as fast as one
+    advanced-indexing gather, which is bound by scattered reads); on a GPU in one gather."""
+    if G.device.type != "cpu":
+        return G[idx[:, :, None], idx[:, None, :]]
+    out = torch.empty(idx.shape[0], idx.shape[1], idx.shape[1], dtype=G.dtype)
+    for u in range(idx.shape[0]):
+        torch.index_select(G.index_select(0, idx[u]), 1, idx[u], out=out[u])
+    return out
 
 
 def _cholesky(blocks: torch.Tensor) -> torch.Tensor:
