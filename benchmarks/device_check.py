@@ -44,6 +44,7 @@ import torch
 
 from benchmarks import bench_iteration
 from benchmarks.bench_batch import per_image_iteration
+from benchmarks.bench_decoding import device_section as decoding_section
 from benchmarks.harness import (
     REPO,
     PeakMemory,
@@ -333,6 +334,7 @@ def precision(check: Check) -> None:
 SECTIONS: dict[str, Callable[[Check], None]] = {
     "environment": environment, "gpu_tests": gpu_tests, "main_command": main_command,
     "api_methods": api_methods, "iteration": iteration, "batch": batch, "precision": precision,
+    "decoding": decoding_section,  # benchmarks/bench_decoding.py: one VGG19 layer decoded
 }
 
 
