@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voxels", type=int, nargs="+", default=[5000, 15000])
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--alpha", type=float, default=100.0)
-    p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--units", type=int, nargs=2, default=[1024, 3072],
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--units", type=int, nargs=2, default=[512, 1536],
                    help="our two unit counts (slope = per unit)")
     p.add_argument("--ref-units", type=int, nargs=2, default=[100, 400],
                    help="fastl2lir's two unit counts")
