@@ -52,3 +52,32 @@ def test_predictions_equal_fastl2lir(k, alpha, chunk, ref_chunk, dtype):
     print(f"k={k} alpha={alpha} {dtype}: max abs diff {diff:.3g} (max |pred| {scale:.3g})")
     assert diff <= tol * scale
     assert np.allclose(got[:, 4], 1.5)  # the constant unit is predicted as its mean
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_sides_on_the_same_data(tmp_path):
+    from benchmarks import bench_decoding
+
+    out = tmp_path / "decoding.csv"
+    bench_decoding.main(["--voxels", "120", "--k", "20", "--chunk", "64", "--units", "64", "192",
+                         "--ref-units", "20", "60", "--out", str(out)])
+    text = out.read_text()
+    assert "fastl2lir_s_per_10k_units" in text and ",120,20,1," in text
+    row = dict(zip(*[line.split(",") for line in text.splitlines()], strict=True))
+    assert float(row["max_abs_diff"]) < 1e-3 * float(row["max_abs_pred"])
+
+
+def test_device_section_on_the_cpu(tmp_path):
+    from benchmarks.bench_decoding import device_section
+
+    class Check:
+        device = "cpu"
+        tables = {}
+
+        def table(self, name, rows):
+            self.tables[name] = rows
+
+    check = Check()
+    device_section(check)
+    (row,) = check.tables["decoding"]
+    assert row["units_done"] > 0 and row["s_per_10k_units"] > 0

@@ -27,7 +27,8 @@ import torch
 
 from icnn_pl.errors import ConfigError, DataError
 
-ZERO_VAR = 1e-8  # fastl2lir: voxels with np.var < 1e-8 get correlation 0
+ZERO_VAR = 1e-8
+BLOCKS_BYTES = 2**29  # sub-Gram blocks and their factors per chunk (512 MB)  # fastl2lir: voxels with np.var < 1e-8 get correlation 0
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -124,9 +125,13 @@ class TopKRidge:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def chunk_size(self, memory_budget: float, n_units: int) -> int:
-        """Units per chunk within ``memory_budget`` bytes (``units_per_chunk``)."""
-        return min(n_units, units_per_chunk(self.n, self.v, self.Xt1.shape[0], self.k,
-                                            self.itemsize, memory_budget))
+        """Units per chunk within ``memory_budget`` bytes (``units_per_chunk``), and at most
+        ``BLOCKS_BYTES`` of sub-Gram blocks (k=500: 256 units; k=50: 25,000): larger
+        chunks gain nothing on a CPU, smaller ones pay the per-chunk costs (writes) more."""
+        cap = n_units if self.k is None else max(
+            1, BLOCKS_BYTES // (2 * (self.k + 1) ** 2 * self.itemsize))
+        return min(n_units, cap, units_per_chunk(self.n, self.v, self.Xt1.shape[0], self.k,
+                                                 self.itemsize, memory_budget))
 
     def fit_predict(self, Y: np.ndarray | torch.Tensor, y_mean: np.ndarray,
                     y_norm: np.ndarray) -> ChunkFit:
