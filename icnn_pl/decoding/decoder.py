@@ -27,8 +27,8 @@ import torch
 
 from icnn_pl.errors import ConfigError, DataError
 
-ZERO_VAR = 1e-8
-BLOCKS_BYTES = 2**29  # sub-Gram blocks and their factors per chunk (512 MB)  # fastl2lir: voxels with np.var < 1e-8 get correlation 0
+ZERO_VAR = 1e-8  # fastl2lir: voxels with np.var < 1e-8 get correlation 0
+BLOCKS_BYTES = 2**29  # sub-Gram blocks and their factors per chunk (512 MB)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
