@@ -55,6 +55,7 @@ import torch
 
 from benchmarks import bench_iteration
 from benchmarks.bench_batch import per_image_iteration
+from benchmarks.bench_decoding import device_section as decoding_section
 from benchmarks.harness import (
     REPO,
     PeakMemory,
@@ -446,6 +447,10 @@ def precision(check: Check) -> None:
                                     "s_per_iter": round(wall / result.n_evals, 5),
                                     "final_loss": final,
                                     "loss_vs_float32": round(final / base, 5)})
+
+
+# benchmarks/bench_decoding.py: one VGG19 layer of a simulated subject decoded
+section("decoding")(decoding_section)
 
 
 # -- helpers -----------------------------------------------------------------------------------
