@@ -11,6 +11,7 @@ subprocess on arrays exchanged as ``.npy`` files.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -59,11 +60,17 @@ def ensure_venv() -> Path:
     root = venv_dir()
     python = root / "bin" / "python"
     marker = root / ".icnn-complete"
-    if marker.exists() and marker.read_text() == " ".join(PACKAGES):
-        return python
-    venv.EnvBuilder(with_pip=True, clear=True).create(root)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PACKAGES], check=True)
-    marker.write_text(" ".join(PACKAGES))
+    wanted = " ".join(PACKAGES)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (pytest workers, parallel benchmarks) must not build it at once: the
+    # second waits for the first, then finds the marker.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text() == wanted:
+            return python
+        venv.EnvBuilder(with_pip=True, clear=True).create(root)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PACKAGES], check=True)
+        marker.write_text(wanted)
     return python
 
 
