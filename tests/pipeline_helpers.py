@@ -52,9 +52,13 @@ ALL_METHODS = METHODS + PRIOR_METHODS
 # -- running the entry point ---------------------------------------------------------------
 def child_env() -> dict[str, str]:
     """The environment for a child run: no full Hydra tracebacks forced on (they would
-    hide whether our own errors print one)."""
+    hide whether our own errors print one), and no host GPUs recorded by a train_recon.py
+    that an earlier test ran in this process (a child must record the GPUs it sees)."""
+    from icnn_pl.pipeline.devices import HOST_GPUS_ENV
+
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
+    env.pop(HOST_GPUS_ENV, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -186,7 +186,10 @@ CUSTOM = ["network=custom", "layers=mapped",
     (["network.module={width:8}"], r"network\.module must name the network's factory"),
     (["network.layer_mapping={}"], r"network\.layer_mapping=\{\} must map feature names"),
     (["network.input_space=rgb"], r"network\.input_space='rgb' is not valid"),
-    (["layers=all"], r"layers\.names: \['conv1_1'.* not in network\.layer_mapping"),
+    # a VGG19 layer name where the custom network has no such tap
+    (["layers.names=[conv1_1,block1]"],
+     r"layers\.names: \['conv1_1'.* not in network\.layer_mapping"),
+    (["layers=shallow"], r"layers=shallow: network custom has no layer preset 'shallow'"),
 ])
 def test_config_checks_for_custom_networks(overrides, match):
     factory.register_resolvers()
