@@ -39,7 +39,11 @@ GD = ("icnn_gd", "icnn_dgn_gd")
 # options that compose only together with others (network=custom names its module)
 CUSTOM_NET = ("network=custom", "network.module={_target_:icnn_pl.nets.examples.TinyResNet}",
               "network.layer_mapping={block1:layer1,fc:fc}")
-COMPANIONS = {("network", "custom"): CUSTOM_NET[1:], ("layers", "mapped"): CUSTOM_NET}
+# experiment=fmri_demo reads what train_decoder.py wrote (outputs/decoded): pointed at a
+# folder that does not exist, so the check is the same whether or not a decoder ran here
+NOT_DECODED = "/nonexistent/icnn-pl-test/decoded"
+COMPANIONS = {("network", "custom"): CUSTOM_NET[1:], ("layers", "mapped"): CUSTOM_NET,
+              ("experiment", "fmri_demo"): (f"data.root={NOT_DECODED}",)}
 
 
 def _param(group: str, option: str):
@@ -126,6 +130,9 @@ def test_option_composes_and_checks(group, option):
     elif (group, option) == ("network", "custom"):  # layers=all: every mapped layer
         assert list(cfg.layers.names) == list(cfg.network.layer_mapping)
         config_mod.check_config(cfg)
+    elif (group, option) == ("experiment", "fmri_demo"):  # before train_decoder.py ran
+        with pytest.raises(ConfigError, match=r"data\.root: no such file or directory"):
+            config_mod.check_config(cfg)
     elif (group, option) != ("experiment", "fig2"):  # see test_experiment_fig2_requires_*
         config_mod.check_config(cfg)
 
