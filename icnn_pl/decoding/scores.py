@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from icnn_pl.atomic import atomic_path, write_text_atomic
+from icnn_pl.review.metrics import correlation_matrix, pairwise_identification
 
 
 def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -35,14 +36,11 @@ def decoding_scores(pred: np.ndarray, true: np.ndarray, y_mean: np.ndarray) -> d
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
     profile = _corr_rows(pred.T, true.T)
     p, t = pred - y_mean, true - y_mean
-    pattern = _corr_rows(p, t)
-    pc = p - p.mean(1, keepdims=True)
-    tc = t - t.mean(1, keepdims=True)
-    pc /= np.linalg.norm(pc, axis=1, keepdims=True) + 1e-300
-    tc /= np.linalg.norm(tc, axis=1, keepdims=True) + 1e-300
-    S = pc @ tc.T
-    m = len(S)
-    ident = ((np.diag(S)[:, None] > S).sum(1) / (m - 1)).mean() if m > 1 else np.nan
+    # images x images correlations: the pattern r on the diagonal, and the lab's pairwise
+    # identification (review.metrics: ties count as failures, constant rows left out)
+    S = correlation_matrix(p, t)
+    pattern = np.diag(S)
+    ident = np.nanmean(pairwise_identification(S)) if len(S) > 1 else np.nan
     return {"profile_r": float(np.nanmean(profile)) if np.isfinite(profile).any() else np.nan,
             "pattern_r": float(np.nanmean(pattern)), "ident_acc": float(ident)}
 
