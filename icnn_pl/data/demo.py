@@ -64,8 +64,11 @@ def load_stimulus(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def _seed(*parts: str) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(parts).encode()).digest()[:8], "little")
+def stable_seed(*parts: object) -> int:
+    """A seed from ``parts`` that is the same in every process and on every machine (unlike
+    ``hash``), so demo files are reproducible."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8],
+                          "little")
 
 
 class Demo:
@@ -163,7 +166,7 @@ class Demo:
         for n, p in self._decoded_paths(label, sub).items():
             if p.exists():
                 continue
-            rng = np.random.default_rng(_seed(sub, label, n))
+            rng = np.random.default_rng(stable_seed(sub, label, n))
             f = true[n]
             mixed = (1.0 - m) * f + m * (total[n] - f) / others
             noise = rng.standard_normal(f.shape, dtype=np.float32) * (NOISE * feature_std(f))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from icnn_pl.atomic import atomic_path
-from icnn_pl.data.demo import STIMULI, demo_subject, load_stimulus
+from icnn_pl.data.demo import STIMULI, demo_subject, load_stimulus, stable_seed
 from icnn_pl.data.matio import load_mat
 from icnn_pl.decoding.bdata import write_bdata
 from icnn_pl.decoding.features import feature_path, write_features
@@ -91,10 +91,6 @@ def _pooled(feat: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, (min(2, h), min(2, w))).reshape(-1).numpy()
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
 class SimulatedFmri:
     """``<root>/<network key>/``: ``images/{train,test}/``, ``features/<layer>/<label>.mat``,
     ``sub-0N_train.h5``, ``sub-0N_test.h5``."""
@@ -136,7 +132,7 @@ class SimulatedFmri:
         for lab in self.train_labels:
             path = self.images_dir("train") / f"{lab}.png"
             if not path.exists():
-                img = one_over_f_image(np.random.default_rng(_seed("image", lab)), (h, w))
+                img = one_over_f_image(np.random.default_rng(stable_seed("image", lab)), (h, w))
                 with atomic_path(path) as tmp:
                     Image.fromarray(img).save(tmp, format="PNG")
         for lab in self.test_labels:
@@ -158,7 +154,7 @@ class SimulatedFmri:
         return np.stack([pooled(lab) for lab in labels])
 
     def _simulate(self, sub: str) -> None:
-        s, rng = self.spec, np.random.default_rng(_seed("fmri", sub, self.dir.name))
+        s, rng = self.spec, np.random.default_rng(stable_seed("fmri", sub, self.dir.name))
         train_order = np.concatenate([rng.permutation(s.n_train) for _ in range(s.repeats)])
         test_order = np.concatenate([rng.permutation(len(self.test_labels))
                                      for _ in range(s.test_repeats)])
